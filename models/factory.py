@@ -1,0 +1,117 @@
+"""``build_model``: a timm ViT (any name, size, image size), local pretrained weights, one method.
+
+Downloaded weights (DeiT ``{'model': ...}`` .pth, timm .safetensors / .bin) load through timm's own path
+(``pretrained=True`` with ``pretrained_cfg_overlay=dict(file=...)``), which drops a classifier of another
+class count and resamples the position embedding to another image size. A checkpoint of this toolkit is
+loaded from its own state dict instead, head included when the classes match: timm's path would
+re-initialise the head whenever ``num_classes`` differs from the pretrained config's.
+"""
+import os
+from typing import Optional
+
+import timm
+import torch
+from torch import nn
+
+from utils.errors import UserError
+from .registry import apply_method, new_param_prefixes
+
+TOOLKIT_FORMAT = 'vit-token-reduction/1'
+
+
+def read_checkpoint(path: str) -> dict:
+    """Load a checkpoint file safely (tensors and plain values only) or fail with a clear message."""
+    if not os.path.isfile(path):
+        raise UserError(f"weights file '{path}' does not exist; give the path of a .pth or .safetensors file")
+    try:
+        if str(path).endswith('.safetensors'):
+            from safetensors.torch import load_file
+            return load_file(path, device='cpu')
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:  # torch / pickle / safetensors raise many types for a bad file
+        raise UserError(f"'{path}' is not a readable checkpoint ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:200] if str(err) else 'empty'}); "
+                        f"is the file complete? Download or save it again") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"'{path}' holds a {type(ckpt).__name__}, not a state dict or checkpoint")
+    return ckpt
+
+
+def is_toolkit_checkpoint(ckpt: dict) -> bool:
+    return ckpt.get('format') == TOOLKIT_FORMAT
+
+
+def _describe_mismatch(model: nn.Module, state: dict, allowed_missing=()) -> str:
+    own = model.state_dict()
+    wrong = [f'{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}'
+             for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state and not k.startswith(tuple(allowed_missing))]
+    unexpected = [k for k in state if k not in own]
+    parts = []
+    for label, keys in (('shape differs', wrong), ('missing', missing), ('unexpected', unexpected)):
+        if keys:
+            parts.append(f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)} keys)")
+    return '; '.join(parts)
+
+
+def load_backbone_state(model: nn.Module, state: dict, source: str, allowed_missing=()) -> None:
+    """Load ``state`` into ``model`` strictly but for ``allowed_missing`` prefixes; explain misfits."""
+    problem = _describe_mismatch(model, state, allowed_missing)
+    if problem:
+        raise UserError(f"weights in '{source}' do not fit this model ({problem}); "
+                        f"check --model / --img-size against the file")
+    model.load_state_dict(state, strict=False)
+
+
+def _from_toolkit_checkpoint(model: nn.Module, ckpt: dict, source: str) -> None:
+    """Load a toolkit checkpoint's backbone into a fresh timm model, for further fine-tuning."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+    state = {k: v for k, v in ckpt['model'].items() if k in model.state_dict()}
+    state = checkpoint_filter_fn(state, model)  # resamples the position embedding to this image size
+    own = model.state_dict()
+    head_keys = [k for k in state if k.startswith(('head.', 'head_dist.')) and own[k].shape != state[k].shape]
+    for k in head_keys:  # another class count: the head starts fresh, as timm does
+        state[k] = own[k]
+    load_backbone_state(model, state, source)
+
+
+def build_model(name: str, method: str = 'none', method_cfg: Optional[dict] = None,
+                num_classes: int = 1000, img_size: Optional[int] = None,
+                pretrained: Optional[str] = None, **model_kwargs) -> nn.Module:
+    """A timm ViT ``name`` with ``num_classes`` outputs, turned into ``method``'s variant.
+
+    pretrained: path of a local weights file (DeiT/timm .pth, .safetensors, or a toolkit checkpoint).
+    model_kwargs: passed to ``timm.create_model`` (e.g. depth=4, embed_dim=64 for a tiny test model).
+    """
+    kwargs = dict(num_classes=num_classes, **model_kwargs)
+    if img_size:
+        kwargs['img_size'] = img_size
+    ckpt = read_checkpoint(pretrained) if pretrained else None
+    try:
+        if ckpt is not None and not is_toolkit_checkpoint(ckpt):
+            model = timm.create_model(name, pretrained=True,
+                                      pretrained_cfg_overlay=dict(file=os.path.abspath(pretrained)), **kwargs)
+        else:
+            model = timm.create_model(name, **kwargs)
+    except RuntimeError as err:
+        if ckpt is None:
+            raise
+        raise UserError(f"weights in '{pretrained}' do not fit model '{name}': "
+                        f"{str(err).splitlines()[1:3] or err}; pass the --model these weights were made for") from None
+    except (KeyError, AssertionError) as err:  # timm's filters raise these on foreign state dicts
+        if ckpt is None:
+            raise
+        raise UserError(f"weights in '{pretrained}' do not fit model '{name}' (key {err}); "
+                        f"pass the --model these weights were made for") from None
+    if not hasattr(model, 'blocks') or not hasattr(model, 'patch_embed'):
+        raise UserError(f"'{name}' is not a Vision Transformer; use a timm ViT/DeiT name such as "
+                        f"deit_small_patch16_224")
+    if ckpt is not None and is_toolkit_checkpoint(ckpt):
+        _from_toolkit_checkpoint(model, ckpt, pretrained)
+    return apply_method(model, method, method_cfg)
+
+
+def model_new_params(model: nn.Module):
+    """Names of parameters the method added (they start from their own initialisation)."""
+    prefixes = new_param_prefixes(model)
+    return [n for n, _ in model.named_parameters() if prefixes and n.startswith(prefixes)]

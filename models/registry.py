@@ -1,0 +1,104 @@
+"""The method registry and the calls the engine makes on any model, whatever its method.
+
+A method is a module in ``models/`` with:
+  ``apply(model, **cfg) -> model``   turns a built timm ViT into its variant (in place); unknown keys or
+                                     out-of-range values raise ``ValueError`` with a clear message;
+  ``add_args(parser)``                its command-line flags (with their defaults);
+  ``cfg_from_args(args) -> dict``     the ``method_cfg`` those flags describe.
+The model it returns carries ``method_name`` and ``method_cfg`` (a plain dict saved in checkpoints), and
+``configure(**changes)`` for the settings that may change between forwards. It may also have:
+  ``update_schedule(epoch: float, total_epochs: int)``  called by the engine before every training step
+                                                       (epoch is fractional: 2.5 = half-way through epoch 2);
+  ``extra_loss() -> Tensor | None``                     added to the task loss after each training forward;
+  ``method_stats() -> dict``                            floats logged per epoch (keep rate, stage, compute);
+  ``new_param_prefixes``                                state-dict prefixes of parameters the method adds,
+                                                       which a dense checkpoint does not have.
+The engine calls these through the functions below and never names a method.
+"""
+import argparse
+import importlib
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+METHODS = ('none', 'tome', 'gtp', 'mtvit', 'toe', 'dge')
+
+
+def method_module(name: str):
+    """The module that implements method ``name`` (``none`` has none)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method '{name}'; choose one of: {', '.join(METHODS)}")
+    return None if name == 'none' else importlib.import_module(f'models.{name}')
+
+
+def available_methods():
+    """Methods whose module exists in this checkout."""
+    found = []
+    for name in METHODS:
+        try:
+            method_module(name)
+        except ModuleNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
+def apply_method(model: nn.Module, name: str, cfg: Optional[dict] = None) -> nn.Module:
+    """Turn ``model`` into method ``name``'s variant with settings ``cfg``."""
+    module = method_module(name)
+    if module is None:
+        if cfg:
+            raise ValueError(f"method 'none' takes no settings, got {sorted(cfg)}")
+        return model
+    return module.apply(model, **(cfg or {}))
+
+
+def add_method_args(parser: argparse.ArgumentParser) -> None:
+    """Every method's flags, each in its own argument group."""
+    for name in available_methods():
+        module = method_module(name)
+        if module is not None:
+            module.add_args(parser.add_argument_group(f'{name} method'))
+
+
+def method_cfg_from_args(args: argparse.Namespace) -> dict:
+    module = method_module(args.method)
+    return {} if module is None else module.cfg_from_args(args)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, 'module', None) or getattr(model, '_orig_mod', None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def method_name(model: nn.Module) -> str:
+    return getattr(unwrap(model), 'method_name', 'none')
+
+
+def method_cfg(model: nn.Module) -> dict:
+    return dict(getattr(unwrap(model), 'method_cfg', {}))
+
+
+def update_schedule(model: nn.Module, epoch: float, total_epochs: int) -> None:
+    hook = getattr(unwrap(model), 'update_schedule', None)
+    if hook is not None:
+        hook(epoch, total_epochs)
+
+
+def extra_loss(model: nn.Module) -> Optional[torch.Tensor]:
+    hook = getattr(unwrap(model), 'extra_loss', None)
+    return None if hook is None else hook()
+
+
+def method_stats(model: nn.Module) -> Dict[str, float]:
+    hook = getattr(unwrap(model), 'method_stats', None)
+    return {} if hook is None else dict(hook())
+
+
+def new_param_prefixes(model: nn.Module):
+    return tuple(getattr(unwrap(model), 'new_param_prefixes', ()))

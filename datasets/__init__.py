@@ -1,0 +1,1 @@
+"""Data: folder scanning and splits, safe image loading, transforms, the demo dataset."""

@@ -1,0 +1,38 @@
+"""Opening any image a user may have as 8-bit RGB: grayscale, palette, RGBA and 16-bit included."""
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB: 16/32-bit grey is rescaled (not clipped), transparency is laid on white."""
+    if img.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(arr.astype(np.uint8)).convert('RGB')
+    if img.mode == 'P' and 'transparency' in img.info or img.mode in ('RGBA', 'LA', 'PA'):
+        rgba = img.convert('RGBA')
+        background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert('RGB')
+    return img.convert('RGB')
+
+
+def load_rgb(path) -> Image.Image:
+    """Read ``path`` fully (so truncation shows here) and return it as RGB."""
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)
+
+
+def check_image(path) -> str:
+    """Why ``path`` cannot be used as an image ('' when it looks fine); reads the header only."""
+    try:
+        if path.stat().st_size == 0:
+            return 'empty file'
+        with Image.open(path) as img:
+            img.verify()
+    except Exception as err:  # PIL raises many types for a broken file
+        return f'not a readable image ({type(err).__name__})'
+    return ''

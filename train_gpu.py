@@ -1,0 +1,126 @@
+"""Fine-tune a timm Vision Transformer on an image folder, with or without token reduction.
+
+    python train_gpu.py                                   # the built-in demo, CPU or GPU
+    python train_gpu.py --data-root DIR --model deit_small_patch16_224 --pretrained weights/FILE.pth
+    torchrun --nproc_per_node=2 train_gpu.py --data-root DIR ...
+    python train_gpu.py --resume runs/NAME/last.pth       # or --resume auto
+
+Every default lives in ``get_args_parser``; a YAML ``--config`` file can set any flag, and flags given
+on the command line win. The training itself is ``utils.trainer.train``.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from models.registry import METHODS, add_method_args, method_cfg_from_args
+from utils.config import load_yaml, parse_key_values, parse_layered
+from utils.errors import UserError
+
+DEMO_IMG_SIZE = 64  # the generated demo pictures are 64 px; at this size the demo trains in minutes on a CPU
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser('train_gpu.py', description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--config', help='YAML file of flag: value pairs (command-line flags win)')
+    g = p.add_argument_group('data')
+    g.add_argument('--data-root', help='folder with one sub-folder of images per class, or with train/ and '
+                                       'val/; default: the built-in demo dataset (made once under data/demo)')
+    g.add_argument('--nb-classes', type=int, help='expected number of classes (a check; the folders decide)')
+    g.add_argument('--val-split', type=float, default=0.2, help='validation fraction when there is no val/')
+    g.add_argument('--workers', type=int, default=4, help='data-loading processes per GPU/process')
+    g.add_argument('--class-balance', choices=('none', 'weights', 'sampler'), default='none',
+                   help='for skewed class counts: weight the loss, or sample classes equally')
+    g = p.add_argument_group('model')
+    g.add_argument('--model', default='deit_tiny_patch16_224', help='any timm ViT name')
+    g.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
+                   help='extra timm.create_model arguments, e.g. depth=6 embed_dim=192')
+    g.add_argument('--pretrained', help='local weights file (.pth / .safetensors / a toolkit checkpoint)')
+    g.add_argument('--img-size', type=int, help=f"input size (default: the model's own; {DEMO_IMG_SIZE} for the demo)")
+    g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate')
+    g.add_argument('--method', choices=METHODS, default='none', help='token-reduction method')
+    g = p.add_argument_group('optimisation')
+    g.add_argument('--batch-size', type=int, default=64, help='per process')
+    g.add_argument('--epochs', type=int, default=30)
+    g.add_argument('--lr', type=float, default=5e-4, help='AdamW peak learning rate')
+    g.add_argument('--min-lr', type=float, default=1e-6, help='end of the cosine schedule')
+    g.add_argument('--warmup-epochs', type=int, default=3)
+    g.add_argument('--weight-decay', type=float, default=0.05)
+    g.add_argument('--layer-decay', type=float, help='layer-wise lr decay, e.g. 0.75 (off when not given)')
+    g.add_argument('--clip-grad', type=float, help='max gradient norm (off when not given)')
+    g.add_argument('--accum-steps', type=int, default=1, help='gradient accumulation steps')
+    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    g.add_argument('--mixup', type=float, default=0.0, help='Mixup alpha (0: off; DeiT uses 0.8)')
+    g.add_argument('--cutmix', type=float, default=0.0, help='CutMix alpha (0: off; DeiT uses 1.0)')
+    g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help="RandAugment policy ('' for none)")
+    g.add_argument('--reprob', type=float, default=0.25, help='random erasing probability')
+    g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=True,
+                   help='mixed precision on CUDA (bf16 where supported, else fp16)')
+    g.add_argument('--model-ema', action=argparse.BooleanOptionalAction, default=False, help='keep an EMA of weights')
+    g.add_argument('--model-ema-decay', type=float, default=0.9998)
+    g.add_argument('--early-stop', type=int, default=0, help='stop after N epochs without a better top-1 (0: off)')
+    g.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile the model')
+    g = p.add_argument_group('run')
+    g.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
+    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--output-dir', help='run folder (default: a new runs/<model>-<method>-<time>)')
+    g.add_argument('--resume', help="last.pth to continue from, or 'auto' for the newest in --output-dir / runs/")
+    g.add_argument('--report', action=argparse.BooleanOptionalAction, default=True,
+                   help="write the evaluation report of best.pth on the validation split into report/")
+    g.add_argument('--local-rank', '--local_rank', type=int, default=None, help=argparse.SUPPRESS)
+    add_method_args(p)
+    return p
+
+
+def find_latest_checkpoint(output_dir):
+    """The newest last.pth in ``output_dir`` (or any folder under runs/)."""
+    root = Path(output_dir) if output_dir else Path(__file__).resolve().parent / 'runs'
+    found = sorted(root.glob('last.pth'), key=lambda f: f.stat().st_mtime) + \
+        sorted(root.glob('*/last.pth'), key=lambda f: f.stat().st_mtime)
+    return str(found[-1]) if found else None
+
+
+def resume_layer(path: str, parser) -> dict:
+    """The resumed run's own settings, so ``--resume X`` alone continues it as it was."""
+    from utils.checkpoint import load_toolkit_checkpoint
+    saved = load_toolkit_checkpoint(path).get('args', {})
+    known = {a.dest for a in parser._actions} - {'resume', 'config', 'output_dir', 'local_rank', 'help'}
+    return {k: v for k, v in saved.items() if k in known}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = get_args_parser()
+    first = parser.parse_args(argv)
+    layers = []
+    if first.resume == 'auto':
+        first.resume = find_latest_checkpoint(first.output_dir)
+        print(f"--resume auto: {first.resume or 'no last.pth found, starting a new run'}")
+    if first.resume:
+        layers.append(resume_layer(first.resume, parser))
+    if first.config:
+        layers.append(load_yaml(first.config))
+    args = parse_layered(parser, argv, *layers) if layers else first
+    args.resume = first.resume
+    args.model_kwargs = parse_key_values(args.model_kwargs)
+    if args.data_root is None and args.img_size is None:
+        args.img_size = DEMO_IMG_SIZE
+    args.method_cfg = method_cfg_from_args(args)
+    return args
+
+
+def main(argv=None) -> int:
+    try:
+        from utils.trainer import train
+        train(parse_args(argv))
+    except UserError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print('interrupted: last.pth holds the last finished epoch', file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Distributed helpers: one process per device under torchrun or torch.distributed.launch.
+
+torchrun (and the legacy launcher with or without ``--use_env``) sets RANK, WORLD_SIZE and MASTER_*; the
+legacy launcher without ``--use_env`` also passes ``--local-rank``, which the argument parser accepts.
+NCCL on CUDA, gloo on the CPU.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device('cpu')
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> this process's GPU when there is one, else the CPU."""
+    if name == 'auto':
+        return torch.device('cuda', local_rank) if torch.cuda.is_available() else torch.device('cpu')
+    device = torch.device(name)
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            from utils.errors import UserError
+            raise UserError(f"--device {name} asked for, but PyTorch sees no CUDA device; use --device cpu")
+        if device.index is None:
+            device = torch.device('cuda', local_rank)
+    return device
+
+
+def init_distributed(device_name: str = 'auto', local_rank=None) -> DistInfo:
+    """Join the process group the launcher set up (if any) and pick this process's device."""
+    world_size = int(os.environ.get('WORLD_SIZE', 1))
+    rank = int(os.environ.get('RANK', 0))
+    local_rank = int(os.environ.get('LOCAL_RANK', local_rank if local_rank is not None else 0))
+    device = pick_device(device_name, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == 'cuda':
+            torch.cuda.set_device(device)
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', rank=rank, world_size=world_size)
+    return DistInfo(rank, world_size, local_rank, device)
+
+
+def all_reduce_sum(values, device) -> torch.Tensor:
+    """Sum a list of numbers over every process (unchanged in a single process)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` from process ``src`` on every process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

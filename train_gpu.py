@@ -16,7 +16,9 @@ from models.registry import METHODS, add_method_args, method_cfg_from_args
 from utils.config import load_yaml, parse_key_values, parse_layered
 from utils.errors import UserError
 
-DEMO_IMG_SIZE = 64  # the generated demo pictures are 64 px; at this size the demo trains in minutes on a CPU
+# Without --data-root the built-in demo runs; these settings (under any flag you give) let a ViT learn its
+# 64-px pictures from scratch in a few minutes on a CPU.
+DEMO_SETTINGS = dict(img_size=64, scale=(0.5, 1.0), epochs=20, batch_size=32, lr=1e-3)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -36,7 +38,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
                    help='extra timm.create_model arguments, e.g. depth=6 embed_dim=192')
     g.add_argument('--pretrained', help='local weights file (.pth / .safetensors / a toolkit checkpoint)')
-    g.add_argument('--img-size', type=int, help=f"input size (default: the model's own; {DEMO_IMG_SIZE} for the demo)")
+    g.add_argument('--img-size', type=int, help="input size (default: the model's own)")
     g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate')
     g.add_argument('--method', choices=METHODS, default='none', help='token-reduction method')
     g = p.add_argument_group('optimisation')
@@ -52,6 +54,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
     g.add_argument('--mixup', type=float, default=0.0, help='Mixup alpha (0: off; DeiT uses 0.8)')
     g.add_argument('--cutmix', type=float, default=0.0, help='CutMix alpha (0: off; DeiT uses 1.0)')
+    g.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0), metavar=('MIN', 'MAX'),
+                   help='area range of the random resized crop')
     g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help="RandAugment policy ('' for none)")
     g.add_argument('--reprob', type=float, default=0.25, help='random erasing probability')
     g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=True,
@@ -100,11 +104,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         layers.append(resume_layer(first.resume, parser))
     if first.config:
         layers.append(load_yaml(first.config))
+    if first.data_root is None and not any(layer.get('data_root') for layer in layers):
+        layers.insert(0, DEMO_SETTINGS)
     args = parse_layered(parser, argv, *layers) if layers else first
     args.resume = first.resume
     args.model_kwargs = parse_key_values(args.model_kwargs)
-    if args.data_root is None and args.img_size is None:
-        args.img_size = DEMO_IMG_SIZE
     args.method_cfg = method_cfg_from_args(args)
     return args
 

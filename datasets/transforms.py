@@ -1,5 +1,5 @@
 """Train and eval transforms from timm, with mean/std/crop/interpolation from the model's pretrained config."""
-from typing import Optional
+from typing import Optional, Tuple
 
 from timm.data import create_transform, resolve_data_config
 
@@ -14,9 +14,11 @@ def data_config(model, img_size: Optional[int] = None) -> dict:
                 crop_pct=float(cfg['crop_pct']))
 
 
-def train_transform(cfg: dict, auto_augment: Optional[str] = 'rand-m9-mstd0.5-inc1', re_prob: float = 0.25):
-    """RandomResizedCrop, flip, RandAugment and random erasing (DeiT's recipe)."""
+def train_transform(cfg: dict, auto_augment: Optional[str] = 'rand-m9-mstd0.5-inc1', re_prob: float = 0.25,
+                    scale: Tuple[float, float] = (0.08, 1.0)):
+    """RandomResizedCrop (area ``scale``), flip, RandAugment and random erasing (DeiT's recipe)."""
     return create_transform(cfg['input_size'], is_training=True, auto_augment=auto_augment or None,
+                            scale=tuple(scale),
                             interpolation=cfg['interpolation'], mean=cfg['mean'], std=cfg['std'],
                             re_prob=re_prob, re_mode='pixel')
 

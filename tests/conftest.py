@@ -8,3 +8,22 @@ TINY = dict(img_size=32, patch_size=8, depth=4, embed_dim=64, num_heads=2)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def make_image_folder(root, classes=('checker', 'stripes_h', 'stripes_v'), per_class=20, size=32, seed=0):
+    """Write ``root/<class>/*.png`` of generated textures (learnable: the class is the texture)."""
+    import numpy as np
+    from pathlib import Path
+    from datasets.demo import draw_texture
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for kind in classes:
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            draw_texture(kind, rng, size).save(root / kind / f'{i:03d}.png')
+    return root
+
+
+TINY_FLAGS = ['--model', 'vit_tiny_patch16_224', '--img-size', '32', '--model-kwargs', 'patch_size=8', 'depth=4',
+              'embed_dim=64', 'num_heads=2', '--workers', '0', '--no-report', '--batch-size', '16',
+              '--warmup-epochs', '1', '--lr', '1e-3', '--aa', '', '--reprob', '0', '--drop-path', '0', '--scale', '0.8', '1']

@@ -12,11 +12,10 @@ from utils.errors import UserError
 
 def parse_key_values(items: Optional[List[str]]) -> dict:
     """``['depth=4', 'embed_dim=64']`` -> ``{'depth': 4, 'embed_dim': 64}`` (values as Python literals)."""
+    if isinstance(items, dict):  # already parsed (a resumed run's or a YAML file's settings)
+        return dict(items)
     out = {}
     for item in items or []:
-        if isinstance(item, dict):
-            out.update(item)
-            continue
         key, sep, value = str(item).partition('=')
         if not sep or not key:
             raise UserError(f"'{item}' is not KEY=VALUE (e.g. --model-kwargs depth=6 embed_dim=192)")

@@ -1,0 +1,95 @@
+"""FLOPs, speed, memory (and accuracy) of token-reduction methods side by side, in one run.
+
+    python benchmark.py --model deit_small_patch16_224 --methods none tome gtp mtvit toe dge
+    python benchmark.py --sweep tome.r=8,13,16 gtp.num_prop=4,8,12 mtvit.keep_rate=0.7,0.5
+    python benchmark.py --weights runs/NAME/best.pth --data-root DIR --methods tome gtp  # + accuracy
+    python benchmark.py --train --sweep toe.stage=0,1,2      # forward + backward cost instead
+
+Writes benchmark.csv, benchmark.md and pareto.png into --output-dir and prints the table.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from models.registry import available_methods
+from utils.benchmark import BenchConfig, ModelSource, markdown_table, parse_sweep, run_rows, write_outputs
+from utils.config import parse_key_values
+from utils.distributed import pick_device
+from utils.errors import UserError
+from utils.profiling import machine_description
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser('benchmark.py', description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--model', default='deit_small_patch16_224', help='timm ViT name (random weights)')
+    p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE', help='extra timm arguments')
+    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('--methods', nargs='*', default=None,
+                   help='methods with their default settings (default: every available one)')
+    p.add_argument('--sweep', nargs='*', default=[], metavar='METHOD.KEY=V1,V2',
+                   help='one row per value, e.g. tome.r=4,8,13,16 gtp.num_prop=4,8,12')
+    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
+    p.add_argument('--amp', action=argparse.BooleanOptionalAction, default=True, help='bf16/fp16 on CUDA')
+    p.add_argument('--runs', type=int, default=10, help='timed runs per row (the median is reported)')
+    p.add_argument('--warmup', type=int, default=3)
+    p.add_argument('--mac-images', type=int, default=2, help='images whose MACs are averaged per row')
+    p.add_argument('--threads', type=int, help='CPU threads (default: torch default)')
+    p.add_argument('--train', action='store_true', help='measure training (forward + backward) instead')
+    p.add_argument('--weights', help="a toolkit checkpoint: rows use its weights (and model)")
+    p.add_argument('--data-root', help='labelled folder: adds top-1 and macro F1 per row (needs --weights)')
+    p.add_argument('--output-dir', default=None, help='default: runs/benchmark-<time>')
+    return p
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        run(args)
+    except UserError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.data_root and not args.weights:
+        raise UserError('--data-root measures accuracy, which needs trained --weights (a best.pth)')
+    device = pick_device(args.device)
+    amp_dtype = None
+    if args.amp and device.type == 'cuda':
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    checkpoint = evaluate = None
+    img_size, num_classes, model_name = args.img_size, 1000, args.model
+    if args.weights:
+        from utils.checkpoint import load_toolkit_checkpoint
+        checkpoint = load_toolkit_checkpoint(args.weights)
+        img_size = checkpoint['data_config']['input_size'][-1]
+        num_classes, model_name = checkpoint['num_classes'], checkpoint['model_name']
+    if args.data_root:
+        from utils.predictor import accuracy_evaluator
+        evaluate = accuracy_evaluator(checkpoint, args.data_root, device, args.batch_size)
+    cfg = BenchConfig(model_name, img_size, args.batch_size, device, amp_dtype, args.runs, args.warmup,
+                      args.mac_images, args.train, num_classes, parse_key_values(args.model_kwargs))
+    methods = available_methods() if args.methods is None and not args.sweep else args.methods
+    settings = parse_sweep(args.sweep, methods)
+    header = (f"{model_name} at {img_size} px, batch {args.batch_size}, "
+              f"{'training (forward + backward)' if args.train else 'inference'}"
+              f"{', AMP ' + str(amp_dtype).split('.')[-1] if amp_dtype else ''}; {machine_description(device)}")
+    print(header)
+    mac_images = torch.randn(args.mac_images, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    table = run_rows(settings, ModelSource(cfg, checkpoint), cfg, mac_images, evaluate)
+    out_dir = Path(args.output_dir or Path('runs') / f"benchmark-{time.strftime('%Y%m%d-%H%M%S')}")
+    write_outputs(table, header, out_dir, 'top1' if evaluate else None)
+    print(markdown_table(table.drop(columns=['unprofiled_ops'])))
+    print(f'written: {out_dir}/benchmark.csv, benchmark.md, pareto.png')
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Side-by-side cost (and optionally accuracy) of token-reduction methods on one backbone.
+
+Each row is one method with one setting. A setting that a built model can change at run time
+(``configure``) is applied to the same model; otherwise the model is rebuilt. Rows are measured the same
+way for every method; a new method joins through the registry with no change here.
+"""
+import ast
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import pandas as pd
+import torch
+
+from models.factory import build_model
+from models.registry import available_methods, method_cfg, method_stats
+from utils.errors import UserError
+from utils.profiling import count_macs, peak_memory_mib, reset_peak_memory, time_forward
+
+Setting = Tuple[str, Dict[str, object]]  # (method, cfg changes)
+
+
+def parse_sweep(items: List[str], methods: List[str]) -> List[Setting]:
+    """``['tome.r=8,13', 'gtp.num_prop=4']`` and the plain ``methods`` -> one (method, changes) per row.
+
+    Dense always comes first (the reference of every ratio); a method named only in ``methods`` gets one row
+    with its defaults.
+    """
+    settings: List[Setting] = [('none', {})]
+    swept = set()
+    for item in items or []:
+        key, sep, values = item.partition('=')
+        method, dot, name = key.partition('.')
+        if not (sep and dot and values):
+            raise UserError(f"--sweep '{item}' is not METHOD.KEY=V1,V2 (e.g. tome.r=4,8,13)")
+        if method not in available_methods():
+            raise UserError(f"--sweep '{item}': unknown method '{method}'; available: {', '.join(available_methods())}")
+        swept.add(method)
+        for value in values.split(','):
+            try:
+                parsed = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                parsed = value
+            settings.append((method, {name: parsed}))
+    for method in methods or []:
+        if method not in available_methods():
+            raise UserError(f"unknown method '{method}'; available: {', '.join(available_methods())}")
+        if method != 'none' and method not in swept:
+            settings.append((method, {}))
+    return settings
+
+
+@dataclass
+class BenchConfig:
+    model: str
+    img_size: int
+    batch_size: int = 64
+    device: torch.device = torch.device('cpu')
+    amp_dtype: Optional[torch.dtype] = None
+    runs: int = 10
+    warmup: int = 3
+    mac_images: int = 2
+    train: bool = False
+    num_classes: int = 1000
+    model_kwargs: dict = field(default_factory=dict)
+
+
+class ModelSource:
+    """Builds each method's model once (random weights, or a checkpoint's) and applies run-time changes."""
+
+    def __init__(self, cfg: BenchConfig, checkpoint: Optional[dict] = None):
+        self.cfg, self.checkpoint, self.cache = cfg, checkpoint, {}
+
+    def _build(self, method: str, changes: dict):
+        if self.checkpoint is not None:
+            from utils.checkpoint import model_from_checkpoint
+            return model_from_checkpoint(self.checkpoint, 'checkpoint', method, changes)
+        return build_model(self.cfg.model, method, changes, num_classes=self.cfg.num_classes,
+                           img_size=self.cfg.img_size, **self.cfg.model_kwargs)
+
+    def get(self, method: str, changes: dict):
+        model = self.cache.get(method)
+        if model is not None and changes:
+            try:
+                model.configure(**changes)
+            except ValueError:  # a build-time setting: rebuild below
+                model = None
+        if model is None:
+            model = self._build(method, changes)
+            self.cache[method] = model
+        return model.to(self.cfg.device)
+
+
+def measure_row(model, cfg: BenchConfig, mac_images: torch.Tensor) -> dict:
+    """Parameters, GMACs, images/s at the batch size, batch-1 latency, peak memory of one model."""
+    device = cfg.device
+    macs, skipped = count_macs(model, mac_images.cpu().to(device))
+    batch = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, device=device)
+    reset_peak_memory(device)
+    images_per_s = time_forward(model, batch, cfg.runs, cfg.warmup, cfg.amp_dtype, cfg.train)
+    memory = peak_memory_mib(device)
+    latency_ms = 1000 / time_forward(model, batch[:1], cfg.runs, cfg.warmup, cfg.amp_dtype, cfg.train)
+    model.eval()
+    return dict(params_m=sum(p.numel() for p in model.parameters()) / 1e6, gmacs=macs / 1e9,
+                images_per_s=images_per_s, latency_ms=latency_ms, peak_mem_mib=memory,
+                unprofiled_ops=' '.join(skipped))
+
+
+def run_rows(settings: List[Setting], source: ModelSource, cfg: BenchConfig, mac_images: torch.Tensor,
+             evaluate=None) -> pd.DataFrame:
+    """One measured row per setting, with ratios against the dense first row."""
+    rows = []
+    for method, changes in settings:
+        model = source.get(method, changes)
+        row = dict(method=method, settings=', '.join(f'{k}={v}' for k, v in method_cfg(model).items()) or 'dense')
+        row.update(measure_row(model, cfg, mac_images))
+        if evaluate is not None:
+            row.update(evaluate(model))
+        row.update({f'stat_{k}': v for k, v in method_stats(model).items()})
+        rows.append(row)
+        print(f"  {method:6s} {row['settings'][:60]:60s} {row['gmacs']:.3f} GMACs {row['images_per_s']:.1f} img/s")
+    table = pd.DataFrame(rows)
+    dense = table.iloc[0]
+    table.insert(4, 'mac_ratio', table['gmacs'] / dense['gmacs'])
+    table.insert(6, 'speedup', table['images_per_s'] / dense['images_per_s'])
+    # efficiency: the speed-up got per speed-up the MACs promise (1.0 = time falls exactly with MACs)
+    table.insert(7, 'efficiency', table['speedup'] * table['mac_ratio'])
+    return table
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """A GitHub markdown table, numbers to 3 significant digits."""
+    def cell(v):
+        return f'{v:.3g}' if isinstance(v, float) else str(v)
+    lines = ['| ' + ' | '.join(table.columns) + ' |', '|' + '---|' * len(table.columns)]
+    lines += ['| ' + ' | '.join(cell(v) for v in row) + ' |' for row in table.itertuples(index=False)]
+    return '\n'.join(lines)
+
+
+def write_outputs(table: pd.DataFrame, header: str, out_dir: Path, accuracy_column: Optional[str]) -> None:
+    """benchmark.csv, benchmark.md (header + table) and pareto.png into ``out_dir``."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_dir / 'benchmark.csv', index=False)
+    shown = table.drop(columns=[c for c in table.columns if c == 'unprofiled_ops' and not table[c].any()])
+    (out_dir / 'benchmark.md').write_text(f'{header}\n\n{markdown_table(shown)}\n')
+    y = accuracy_column or 'images_per_s'
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for method, group in table.groupby('method', sort=False):
+        ax.plot(group['gmacs'], group[y], 'o-' if len(group) > 1 else 'o', label=method,
+                markersize=12 if method == 'none' else 7, zorder=3 if method == 'none' else 2)
+        for _, r in group.iterrows():
+            ax.annotate(r['settings'][:18], (r['gmacs'], r[y]), fontsize=7, xytext=(3, 3), textcoords='offset points')
+    ax.set_xlabel('GMACs per image')
+    ax.set_ylabel({'images_per_s': 'images / s'}.get(y, y))
+    ax.set_title(header.splitlines()[0][:90], fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / 'pareto.png', dpi=120)
+    plt.close(fig)

@@ -56,6 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--cutmix', type=float, default=0.0, help='CutMix alpha (0: off; DeiT uses 1.0)')
     g.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0), metavar=('MIN', 'MAX'),
                    help='area range of the random resized crop')
+    g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability (0 for text, digits)')
     g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help="RandAugment policy ('' for none)")
     g.add_argument('--reprob', type=float, default=0.25, help='random erasing probability')
     g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=True,

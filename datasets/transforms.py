@@ -15,10 +15,10 @@ def data_config(model, img_size: Optional[int] = None) -> dict:
 
 
 def train_transform(cfg: dict, auto_augment: Optional[str] = 'rand-m9-mstd0.5-inc1', re_prob: float = 0.25,
-                    scale: Tuple[float, float] = (0.08, 1.0)):
+                    scale: Tuple[float, float] = (0.08, 1.0), hflip: float = 0.5):
     """RandomResizedCrop (area ``scale``), flip, RandAugment and random erasing (DeiT's recipe)."""
     return create_transform(cfg['input_size'], is_training=True, auto_augment=auto_augment or None,
-                            scale=tuple(scale),
+                            scale=tuple(scale), hflip=hflip,
                             interpolation=cfg['interpolation'], mean=cfg['mean'], std=cfg['std'],
                             re_prob=re_prob, re_mode='pixel')
 

@@ -143,7 +143,7 @@ def _train(args, info: DistInfo) -> Path:
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     pin = device.type == 'cuda'
-    loader = train_loader(split.train, train_transform(cfg, args.aa, args.reprob, args.scale), args.batch_size,
+    loader = train_loader(split.train, train_transform(cfg, args.aa, args.reprob, args.scale, args.hflip), args.batch_size,
                           args.workers, info.rank, info.world_size, args.seed, args.class_balance, pin)
     val_loader = eval_loader(split.val, eval_transform(cfg), args.batch_size, args.workers, info.rank,
                              info.world_size, pin)

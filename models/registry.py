@@ -17,6 +17,7 @@ The engine calls these through the functions below and never names a method.
 """
 import argparse
 import importlib
+import inspect
 from typing import Dict, Optional
 
 import torch
@@ -51,7 +52,12 @@ def apply_method(model: nn.Module, name: str, cfg: Optional[dict] = None) -> nn.
         if cfg:
             raise ValueError(f"method 'none' takes no settings, got {sorted(cfg)}")
         return model
-    return module.apply(model, **(cfg or {}))
+    cfg = dict(cfg or {})
+    accepted = [p for p in inspect.signature(module.apply).parameters if p != 'model']
+    unknown = sorted(set(cfg) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown {name} setting(s) {', '.join(unknown)}; {name} takes {', '.join(accepted)}")
+    return module.apply(model, **cfg)
 
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:

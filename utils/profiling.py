@@ -20,7 +20,8 @@ from torchprofile import profile_macs
 NO_MAC_OPS = {'aten::unbind', 'aten::sort', 'aten::argsort', 'aten::topk', 'aten::gather', 'aten::scatter',
               'aten::scatter_add', 'aten::scatter_reduce', 'aten::index_select', 'aten::masked_fill',
               'aten::where', 'aten::argmax', 'aten::max', 'aten::amax', 'aten::full', 'aten::ones_like',
-              'aten::fill_', 'aten::new_ones', 'aten::new_zeros', 'aten::eye',
+              'aten::fill_', 'aten::new_ones', 'aten::new_zeros', 'aten::eye', 'aten::__and__', 'aten::bitwise_not',
+              'aten::diagonal', 'aten::maximum', 'aten::repeat', 'aten::scatter_', 'aten::clamp_min',
               'aten::zeros_like', 'aten::expand_as', 'aten::repeat_interleave', 'aten::log', 'aten::sqrt'}
 
 

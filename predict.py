@@ -1,0 +1,125 @@
+"""Evaluate a checkpoint on a labelled folder (plots, tables, an HTML page) or classify image files.
+
+    python predict.py --weights runs/NAME/best.pth --data-root DIR            # report of a labelled folder
+    python predict.py --weights best.pth --images a.jpg b.png folder/ --topk 3  # classify files
+    python predict.py --weights best.pth --data-root DIR --method tome --tome-r 8  # with a method switched on
+
+Everything about the model comes from the checkpoint.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from models.registry import METHODS, add_method_args, method_cfg_from_args
+from utils.errors import UserError
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser('predict.py', description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--weights', required=True, help='a best.pth / last.pth written by train_gpu.py')
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument('--data-root', help='labelled folder (class sub-folders, or a root with val/)')
+    source.add_argument('--images', nargs='+', help='image files or folders to classify')
+    p.add_argument('--output-dir', help='default: predict-<name>-<time> next to the weights')
+    p.add_argument('--topk', type=int, default=5, help='classes listed per image with --images')
+    p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
+    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--method', choices=METHODS, help="override the checkpoint's method (e.g. tome on a dense model)")
+    add_method_args(p)
+    return p
+
+
+def method_override(parser, args):
+    """(method, cfg) to apply instead of the checkpoint's, or (None, None); only flags given count."""
+    if args.method is None:
+        return None, None
+    full = method_cfg_from_args(args)
+    defaults = method_cfg_from_args(parser.parse_args(['--weights', 'x', '--images', 'x', '--method', args.method]))
+    return args.method, {k: v for k, v in full.items() if v != defaults[k]} or None
+
+
+def image_files(paths):
+    """Every image file named or found (recursively) in the folders named, in order."""
+    from datasets.folder import list_images
+    from datasets.images import IMAGE_EXTENSIONS
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise UserError(f"--images: {', '.join(missing)} not found; check the paths")
+    files = []
+    for p in map(Path, paths):
+        found = [f for f in list_images(p) if f.suffix.lower() in IMAGE_EXTENSIONS] if p.is_dir() else [p]
+        files += [str(f) for f in found]
+    if not files:
+        raise UserError(f"--images: no image files in {', '.join(paths)}")
+    return files
+
+
+def default_output(weights: str, name: str) -> Path:
+    return Path(weights).resolve().parent / f"predict-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_labelled(args, method, cfg, device) -> None:
+    from datasets.folder import scan_classes
+    from utils.predictor import write_report
+    from utils.report import resolve_labelled_root
+    root = resolve_labelled_root(args.data_root)
+    scan = scan_classes(root)
+    if not scan.samples:
+        raise UserError(f"no readable images in class folders under '{root}'; expected {root}/<class>/<image>")
+    out = Path(args.output_dir) if args.output_dir else default_output(args.weights, Path(args.data_root).name)
+    summary = write_report(args.weights, scan.samples, scan.classes, out, device, args.batch_size, args.workers,
+                           method, cfg, scan.skipped)
+    table = pd.read_csv(out / 'per_class_report.csv', index_col=0)
+    print(table.to_string(float_format=lambda v: f'{v:.4f}'))
+    print(f"accuracy {summary['accuracy'] * 100:.2f}% on {summary['images']} images "
+          f"(top-{summary['top_k']} {summary['top_k_accuracy'] * 100:.2f}%), {summary['skipped_files']} skipped; "
+          f"report: {out / 'report.html'}")
+
+
+def run_images(args, method, cfg, device) -> None:
+    from datasets.images import check_image
+    from utils.checkpoint import load_for_inference
+    from utils.predictor import predict
+    from utils.report import predictions_table
+    files = image_files(args.images)
+    bad = [(f, why) for f in files if (why := check_image(Path(f)))]
+    for f, why in bad:
+        print(f'skipping {f}: {why}', file=sys.stderr)
+    good = [f for f in files if f not in dict(bad)]
+    if not good:
+        raise UserError('none of the --images could be read')
+    model, meta = load_for_inference(args.weights, device, method, cfg)
+    result = predict(model, [(f, -1) for f in good], meta['data_config'], device, args.batch_size, args.workers)
+    names = meta['class_names']
+    k = min(args.topk, len(names))
+    for path, p in zip(result.paths, result.probs):
+        top = p.argsort()[::-1][:k]
+        print(f"{path}: " + ', '.join(f'{names[i]} {p[i]:.3f}' for i in top))
+    out = Path(args.output_dir) if args.output_dir else default_output(args.weights, 'images')
+    out.mkdir(parents=True, exist_ok=True)
+    predictions_table(result.probs, result.targets, result.paths, names).drop(columns=['true']).to_csv(
+        out / 'predictions.csv', index=False)
+    print(f"{len(result.paths)} images classified, {len(bad) + len(result.failed)} skipped; {out / 'predictions.csv'}")
+
+
+def main(argv=None) -> int:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    try:
+        from utils.distributed import pick_device
+        device = pick_device(args.device)
+        method, cfg = method_override(parser, args)
+        (run_labelled if args.data_root else run_images)(args, method, cfg, device)
+    except (UserError, ValueError) as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Run a checkpoint over images: class probabilities, the report of a labelled set, top-k of unlabelled files.
+
+Everything about the model (name, method, classes, input size and normalisation) comes from the checkpoint.
+A labelled folder's classes are matched to the checkpoint's by name, never by position.
+"""
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from datasets.folder import SafeImageDataset, collate_skipping
+from datasets.transforms import eval_transform
+from models.registry import method_cfg, method_name, method_stats
+from utils.checkpoint import load_for_inference
+from utils.data import eval_loader
+from utils.errors import UserError
+
+log = logging.getLogger('predict')
+
+
+@dataclass
+class Predictions:
+    """Probabilities [N, C] of the images that loaded, their files and targets (-1 when unlabelled)."""
+    probs: np.ndarray
+    paths: List[str]
+    targets: np.ndarray
+    failed: List[str] = field(default_factory=list)
+    images_per_s: float = 0.0
+    stats: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def predict(model, samples: Sequence[Tuple[str, int]], data_config: dict, device, batch_size: int = 64,
+            workers: int = 0, progress: bool = True) -> Predictions:
+    """Softmax probabilities for ``samples`` [(path, target)]; files that fail to decode are listed in ``failed``."""
+    model.eval()
+    loader = eval_loader(list(samples), eval_transform(data_config), batch_size, workers,
+                         pin_memory=torch.device(device).type == 'cuda')
+    probs, indices, seconds = [], [], 0.0
+    for batch in tqdm(loader, desc='predict', disable=not progress, leave=False, dynamic_ncols=True):
+        if batch is None:
+            continue
+        images, _, index = batch
+        start = time.perf_counter()
+        logits = model(images.to(device, non_blocking=True))
+        probs.append(logits.float().softmax(dim=1).cpu())
+        if torch.device(device).type == 'cuda':
+            torch.cuda.synchronize(device)
+        seconds += time.perf_counter() - start
+        indices.append(index)
+    index = torch.cat(indices).tolist() if indices else []
+    done = set(index)
+    return Predictions(probs=torch.cat(probs).numpy() if probs else np.zeros((0, 0)),
+                       paths=[samples[i][0] for i in index], targets=np.array([samples[i][1] for i in index]),
+                       failed=[p for i, (p, _) in enumerate(samples) if i not in done],
+                       images_per_s=len(index) / seconds if seconds else 0.0, stats=method_stats(model))
+
+
+def map_to_checkpoint_classes(samples, data_classes: Sequence[str], ckpt_classes: Sequence[str]):
+    """Re-index ``samples`` from the data's class list to the checkpoint's, by name; returns (samples, unknown)."""
+    position = {name: i for i, name in enumerate(ckpt_classes)}
+    unknown = sorted(set(data_classes) - set(position))
+    mapped = [(p, position[data_classes[t]]) for p, t in samples if data_classes[t] in position]
+    if unknown:
+        log.warning('classes not in the checkpoint, skipped: %s', ', '.join(unknown))
+    if not mapped:
+        raise UserError(f"none of the folder's classes ({', '.join(list(data_classes)[:6])}) is a class of the "
+                        f"checkpoint ({', '.join(list(ckpt_classes)[:6])} ...); is this the right --data-root?")
+    return mapped, unknown
+
+
+def write_report(weights_path, samples, class_names, output_dir, device='cpu', batch_size: int = 64,
+                 workers: int = 0, method: Optional[str] = None, method_cfg_override: Optional[dict] = None,
+                 skipped: Sequence[Tuple[str, str]] = (), progress: bool = True) -> dict:
+    """Predict ``samples`` (indices into ``class_names``) with the checkpoint and write the full report."""
+    from utils.report import write_labelled_report
+    model, meta = load_for_inference(weights_path, device, method, method_cfg_override)
+    samples, unknown = map_to_checkpoint_classes(samples, class_names, meta['class_names'])
+    result = predict(model, samples, meta['data_config'], device, batch_size, workers, progress)
+    if len(result.paths) == 0:
+        raise UserError('no image could be read; nothing to report')
+    skipped = list(skipped) + [(p, 'cannot decode') for p in result.failed]
+    context = dict(checkpoint=str(weights_path), model=meta['model_name'], method=method_name(model),
+                   method_cfg=method_cfg(model), unknown_classes=unknown, skipped=skipped,
+                   images_per_s=result.images_per_s, method_stats=result.stats)
+    return write_labelled_report(result.probs, result.targets, result.paths, meta['class_names'],
+                                 Path(output_dir), context)
+
+
+def accuracy_evaluator(checkpoint: dict, data_root, device, batch_size: int = 64):
+    """A function model -> {top1, macro_f1} on a labelled folder, as predict.py computes them (for benchmark.py)."""
+    from sklearn.metrics import f1_score
+    from datasets.folder import scan_classes
+    from utils.report import resolve_labelled_root
+    scan = scan_classes(resolve_labelled_root(data_root))
+    samples, _ = map_to_checkpoint_classes(scan.samples, scan.classes, checkpoint['class_names'])
+
+    def evaluate(model) -> dict:
+        result = predict(model, samples, checkpoint['data_config'], device, batch_size, progress=False)
+        predicted = result.probs.argmax(axis=1)
+        return dict(top1=100 * float((predicted == result.targets).mean()),
+                    macro_f1=100 * f1_score(result.targets, predicted, average='macro',
+                                            labels=np.unique(result.targets)))
+    return evaluate

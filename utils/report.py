@@ -1,0 +1,237 @@
+"""The evaluation report of a labelled set, from probabilities to files (no model here).
+
+Metrics are scikit-learn's. Per-class figures cover the classes present in the data; predictions of a class
+absent from the data still count as mistakes. With many classes the plots show the most confused / worst
+classes and say so in their titles, while the CSV files keep every class.
+"""
+import base64
+import html
+import json
+import warnings
+from pathlib import Path
+from typing import List, Sequence
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from sklearn.metrics import (auc, average_precision_score, classification_report, confusion_matrix,  # noqa: E402
+                             precision_recall_curve, roc_curve, top_k_accuracy_score)
+
+from utils.errors import UserError  # noqa: E402
+
+MAX_CLASSES_DRAWN = 30   # confusion-matrix rows/columns drawn before switching to the most confused classes
+MAX_CURVES = 10          # per-class ROC/PR curves drawn before switching to the worst classes
+MISTAKES_SHOWN = 16
+
+
+def resolve_labelled_root(root) -> Path:
+    """A labelled folder: its ``val/`` when it has one, else the folder itself."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"data root '{root}' does not exist or is not a folder")
+    return root / 'val' if (root / 'val').is_dir() else root
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_confusion(cm: np.ndarray, names: List[str], path: Path, normalized: bool) -> None:
+    shown = np.arange(len(names))
+    title = 'Confusion matrix' + (' (row-normalised)' if normalized else ' (counts)')
+    if len(names) > MAX_CLASSES_DRAWN:
+        off = cm - np.diag(np.diag(cm))
+        shown = np.sort(np.argsort(-(off.sum(0) + off.sum(1)))[:MAX_CLASSES_DRAWN])
+        title += f': the {MAX_CLASSES_DRAWN} most confused of {len(names)} classes'
+    values = cm.astype(float)
+    if normalized:
+        values = values / np.maximum(values.sum(1, keepdims=True), 1)
+    values = values[np.ix_(shown, shown)]
+    side = min(max(4.5, 0.45 * len(shown) + 2), 18)
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    im = ax.imshow(values, cmap='Blues', vmin=0, vmax=1 if normalized else None)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    labels = [names[i] for i in shown]
+    ax.set_xticks(range(len(shown)), labels, rotation=90 if len(shown) > 6 else 0, fontsize=8)
+    ax.set_yticks(range(len(shown)), labels, fontsize=8)
+    ax.set_xlabel('predicted')
+    ax.set_ylabel('true')
+    ax.set_title(title, fontsize=10)
+    if len(shown) <= 20:
+        for (i, j), v in np.ndenumerate(values):
+            ax.text(j, i, f'{v:.2f}' if normalized else f'{int(v)}', ha='center', va='center', fontsize=7,
+                    color='white' if v > values.max() / 2 else 'black')
+    _save(fig, path)
+
+
+def per_class_curves(probs: np.ndarray, targets: np.ndarray, present: List[int], kind: str):
+    """{class: (x, y, score)} one-vs-rest ROC (fpr, tpr, AUC) or PR (recall, precision, AP) curves."""
+    curves = {}
+    for c in present:
+        positive = targets == c
+        if positive.all():
+            continue
+        if kind == 'roc':
+            fpr, tpr, _ = roc_curve(positive, probs[:, c])
+            curves[c] = (fpr, tpr, auc(fpr, tpr))
+        else:
+            precision, recall, _ = precision_recall_curve(positive, probs[:, c])
+            curves[c] = (recall, precision, average_precision_score(positive, probs[:, c]))
+    return curves
+
+
+def plot_curves(probs, targets, names, present, kind: str, path: Path) -> dict:
+    """ROC or PR curves per class, micro- and (ROC) macro-average; returns the per-class scores."""
+    binary = len(names) == 2
+    curves = per_class_curves(probs, targets, [1] if binary else present, kind)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    drawn = sorted(curves, key=lambda c: curves[c][2])
+    title = ('ROC' if kind == 'roc' else 'Precision-recall') + (f' ({names[1]} as positive)' if binary else '')
+    if len(drawn) > MAX_CURVES:
+        drawn = drawn[:MAX_CURVES]
+        title += f': the {MAX_CURVES} worst of {len(curves)} classes + averages'
+    for c in drawn:
+        x, y, score = curves[c]
+        ax.plot(x, y, lw=1.2, label=f"{names[c]} ({'AUC' if kind == 'roc' else 'AP'} {score:.3f})")
+    if not binary and curves:
+        onehot = np.eye(len(names))[targets][:, present]
+        scores = probs[:, present]
+        if kind == 'roc':
+            fpr, tpr, _ = roc_curve(onehot.ravel(), scores.ravel())
+            ax.plot(fpr, tpr, 'k--', lw=2, label=f'micro-average (AUC {auc(fpr, tpr):.3f})')
+            grid = np.linspace(0, 1, 201)
+            mean_tpr = np.mean([np.interp(grid, curves[c][0], curves[c][1]) for c in curves], axis=0)
+            ax.plot(grid, mean_tpr, 'k:', lw=2, label=f'macro-average (AUC {auc(grid, mean_tpr):.3f})')
+        else:
+            precision, recall, _ = precision_recall_curve(onehot.ravel(), scores.ravel())
+            ax.plot(recall, precision, 'k--', lw=2,
+                    label=f'micro-average (AP {average_precision_score(onehot.ravel(), scores.ravel()):.3f})')
+    if kind == 'roc':
+        ax.plot([0, 1], [0, 1], color='grey', lw=0.8)
+        ax.set_xlabel('false positive rate')
+        ax.set_ylabel('true positive rate')
+    else:
+        ax.set_xlabel('recall')
+        ax.set_ylabel('precision')
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc='lower right' if kind == 'roc' else 'lower left')
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+    return {c: v[2] for c, v in curves.items()}
+
+
+def plot_mistakes(table: pd.DataFrame, path: Path) -> int:
+    """A grid of the most confident mistakes; returns how many there were in all."""
+    from datasets.images import load_rgb
+    wrong = table[table['true'] != table['predicted']].sort_values('confidence', ascending=False)
+    shown = wrong.head(MISTAKES_SHOWN)
+    cols = 4
+    rows = max(1, int(np.ceil(len(shown) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis('off')
+    if shown.empty:
+        axes[0, 0].text(0, 0.5, 'No misclassified images.', fontsize=14)
+    for ax, (_, r) in zip(axes.ravel(), shown.iterrows()):
+        ax.imshow(load_rgb(r['file']))
+        ax.set_title(f"true: {r['true']}\npred: {r['predicted']} ({r['confidence']:.2f})", fontsize=8, color='darkred')
+    fig.suptitle(f'Most confident mistakes ({len(shown)} of {len(wrong)})', fontsize=11)
+    _save(fig, path)
+    return len(wrong)
+
+
+def predictions_table(probs, targets, paths, names) -> pd.DataFrame:
+    predicted = probs.argmax(axis=1)
+    table = pd.DataFrame(dict(file=paths, true=[names[t] if t >= 0 else '' for t in targets],
+                              predicted=[names[p] for p in predicted], confidence=probs.max(axis=1)))
+    return pd.concat([table, pd.DataFrame(probs, columns=[f'p_{n}' for n in names])], axis=1)
+
+
+def write_labelled_report(probs: np.ndarray, targets: np.ndarray, paths: Sequence[str], names: List[str],
+                          out: Path, context: dict) -> dict:
+    """Every report file for probabilities [N, C] of images with true class indices ``targets``."""
+    out.mkdir(parents=True, exist_ok=True)
+    predicted = probs.argmax(axis=1)
+    present = sorted(set(targets.tolist()))
+    table = predictions_table(probs, targets, paths, names)
+    table.to_csv(out / 'predictions.csv', index=False)
+
+    labels = sorted(set(present) | set(predicted.tolist()))
+    cm = confusion_matrix(targets, predicted, labels=labels)
+    label_names = [names[i] for i in labels]
+    pd.DataFrame(cm, index=label_names, columns=label_names).to_csv(out / 'confusion_matrix.csv')
+    normalised = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    pd.DataFrame(normalised, index=label_names, columns=label_names).to_csv(out / 'confusion_matrix_normalized.csv')
+    plot_confusion(cm, label_names, out / 'confusion_matrix.png', normalized=False)
+    plot_confusion(cm, label_names, out / 'confusion_matrix_normalized.png', normalized=True)
+
+    roc = plot_curves(probs, targets, names, present, 'roc', out / 'roc_curves.png')
+    ap = plot_curves(probs, targets, names, present, 'pr', out / 'pr_curves.png')
+    report = classification_report(targets, predicted, labels=present, target_names=[names[c] for c in present],
+                                   output_dict=True, zero_division=0)
+    per_class = pd.DataFrame({k: v for k, v in report.items() if isinstance(v, dict)}).T
+    per_class['roc_auc'] = per_class.index.map({names[c]: v for c, v in roc.items()})
+    per_class['average_precision'] = per_class.index.map({names[c]: v for c, v in ap.items()})
+    accuracy = float((predicted == targets).mean())
+    per_class.loc['accuracy'] = [np.nan, np.nan, accuracy, len(targets), np.nan, np.nan]
+    per_class.index.name = 'class'
+    per_class.to_csv(out / 'per_class_report.csv')
+
+    k = min(5, len(names))
+    # one-vs-rest AUC averaged over the classes present (sklearn's 'ovr' macro when all are present)
+    macro_auc = float(np.mean(list(roc.values()))) if roc else None
+    mistakes = plot_mistakes(table, out / 'misclassified.png')
+    with warnings.catch_warnings():  # k = number of classes is allowed (and trivially 100 %)
+        warnings.simplefilter('ignore')
+        top_k = float(top_k_accuracy_score(targets, probs, k=k, labels=list(range(len(names)))))
+    summary = dict(
+        accuracy=accuracy, top_k=k, top_k_accuracy=top_k,
+        macro_f1=float(report['macro avg']['f1-score']), weighted_f1=float(report['weighted avg']['f1-score']),
+        macro_auc=macro_auc, images=int(len(targets)), misclassified=mistakes, classes=list(names),
+        classes_in_data=[names[c] for c in present], **context)
+    summary['skipped_files'] = len(context.get('skipped', []))
+    (out / 'summary.json').write_text(json.dumps(summary, indent=2, default=str))
+    write_html(out, summary, per_class)
+    return summary
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{path.name}">'
+
+
+def write_html(out: Path, summary: dict, per_class: pd.DataFrame) -> None:
+    """report.html: one self-contained page (plots embedded) with the summary, tables and plots."""
+    facts = [('checkpoint', summary['checkpoint']), ('model', summary['model']),
+             ('method', f"{summary['method']} {summary['method_cfg'] or ''}"),
+             ('images', summary['images']), ('accuracy', f"{summary['accuracy'] * 100:.2f} %"),
+             (f"top-{summary['top_k']} accuracy", f"{summary['top_k_accuracy'] * 100:.2f} %"),
+             ('macro / weighted F1', f"{summary['macro_f1']:.4f} / {summary['weighted_f1']:.4f}"),
+             ('macro ROC AUC', 'n/a' if summary['macro_auc'] is None else f"{summary['macro_auc']:.4f}"),
+             ('images / s', f"{summary['images_per_s']:.1f}"), ('misclassified', summary['misclassified']),
+             ('skipped files', summary['skipped_files'])]
+    facts += [(k, f'{v:.4g}') for k, v in summary.get('method_stats', {}).items()]
+    if summary.get('unknown_classes'):
+        facts.append(('classes not in the checkpoint (skipped)', ', '.join(summary['unknown_classes'])))
+    rows = ''.join(f'<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>' for k, v in facts)
+    skipped = ''.join(f'<li>{html.escape(str(p))}: {html.escape(str(w))}</li>' for p, w in summary.get('skipped', []))
+    plots = [('Confusion matrix', 'confusion_matrix.png'), ('Confusion matrix, normalised', 'confusion_matrix_normalized.png'),
+             ('ROC curves', 'roc_curves.png'), ('Precision-recall curves', 'pr_curves.png'),
+             ('Most confident mistakes', 'misclassified.png')]
+    extra = [(title, name) for title, name in summary.get('extra_plots', []) if (out / name).exists()]
+    figures = ''.join(f'<h2>{html.escape(t)}</h2>{_img(out / n)}' for t, n in plots + extra)
+    page = f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>Evaluation report</title><style>
+body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}} img{{max-width:100%}}
+table{{border-collapse:collapse;font-size:14px}} td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
+th{{background:#f3f3f3;text-align:left}}</style></head><body>
+<h1>Evaluation report</h1><table>{rows}</table>
+<h2>Per class</h2>{per_class.to_html(float_format=lambda v: f'{v:.4f}', na_rep='-')}
+{f'<h2>Skipped files</h2><ul>{skipped}</ul>' if skipped else ''}{figures}
+<p>Files: predictions.csv, per_class_report.csv, confusion_matrix*.csv, summary.json in this folder.</p>
+</body></html>"""
+    (out / 'report.html').write_text(page)

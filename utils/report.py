@@ -119,7 +119,8 @@ def plot_curves(probs, targets, names, present, kind: str, path: Path) -> dict:
         ax.set_xlabel('recall')
         ax.set_ylabel('precision')
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc='lower right' if kind == 'roc' else 'lower left')
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc='lower right' if kind == 'roc' else 'lower left')
     ax.grid(alpha=0.3)
     _save(fig, path)
     return {c: v[2] for c, v in curves.items()}
@@ -188,7 +189,8 @@ def write_labelled_report(probs: np.ndarray, targets: np.ndarray, paths: Sequenc
     mistakes = plot_mistakes(table, out / 'misclassified.png')
     with warnings.catch_warnings():  # k = number of classes is allowed (and trivially 100 %)
         warnings.simplefilter('ignore')
-        top_k = float(top_k_accuracy_score(targets, probs, k=k, labels=list(range(len(names)))))
+        top_k = float(top_k_accuracy_score(targets, probs[:, 1] if len(names) == 2 else probs, k=k,
+                                           labels=list(range(len(names)))))
     summary = dict(
         accuracy=accuracy, top_k=k, top_k_accuracy=top_k,
         macro_f1=float(report['macro avg']['f1-score']), weighted_f1=float(report['weighted avg']['f1-score']),

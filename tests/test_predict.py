@@ -1,0 +1,160 @@
+"""predict.py and the report: every file, numbers that agree with scikit-learn, bad input."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
+
+import predict
+import train_gpu
+from conftest import TINY_FLAGS, make_image_folder
+from utils.report import write_labelled_report
+
+REPORT_FILES = ['confusion_matrix.png', 'confusion_matrix_normalized.png', 'confusion_matrix.csv',
+                'confusion_matrix_normalized.csv', 'roc_curves.png', 'pr_curves.png', 'per_class_report.csv',
+                'predictions.csv', 'misclassified.png', 'summary.json', 'report.html']
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+    """A tiny model trained 3 epochs on textures, with the end-of-training report on."""
+    base = tmp_path_factory.mktemp('predict')
+    data = make_image_folder(base / 'data', per_class=20)
+    flags = [f for f in TINY_FLAGS if f != '--no-report']
+    assert train_gpu.main(['--data-root', str(data), '--output-dir', str(base / 'run'), '--epochs', '3', *flags]) == 0
+    return base / 'run', data
+
+
+def test_training_writes_the_report_of_best(run):
+    run_dir, _ = run
+    for name in REPORT_FILES:
+        assert (run_dir / 'report' / name).is_file(), name
+    summary = json.loads((run_dir / 'report' / 'summary.json').read_text())
+    assert summary['images'] == 12  # the validation split
+
+
+def test_labelled_report_agrees_with_predictions_and_sklearn(run, tmp_path):
+    run_dir, data = run
+    data_copy = tmp_path / 'data'
+    shutil.copytree(data, data_copy)
+    (data_copy / 'checker' / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'0' * 20)
+    out = tmp_path / 'report'
+    assert predict.main(['--weights', str(run_dir / 'best.pth'), '--data-root', str(data_copy),
+                         '--output-dir', str(out), '--workers', '0']) == 0
+    for name in REPORT_FILES:
+        assert (out / name).is_file(), name
+    preds = pd.read_csv(out / 'predictions.csv')
+    cm = pd.read_csv(out / 'confusion_matrix.csv', index_col=0)
+    assert len(preds) == 60 and cm.values.sum() == 60
+    for name in cm.index:
+        hits = ((preds['true'] == name) & (preds['predicted'] == name)).sum()
+        assert cm.loc[name, name] == hits
+    table = pd.read_csv(out / 'per_class_report.csv', index_col=0)
+    classes = ['checker', 'stripes_h', 'stripes_v']
+    p, r, f, s = precision_recall_fscore_support(preds['true'], preds['predicted'], labels=classes, zero_division=0)
+    assert np.allclose(table.loc[classes, 'precision'], p) and np.allclose(table.loc[classes, 'recall'], r)
+    assert np.allclose(table.loc[classes, 'f1-score'], f) and list(table.loc[classes, 'support']) == list(s)
+    probs = preds[[f'p_{c}' for c in classes]].values
+    y = preds['true'].map(classes.index).values
+    for i, c in enumerate(classes):
+        assert np.isclose(table.loc[c, 'roc_auc'], roc_auc_score(y == i, probs[:, i]))
+    summary = json.loads((out / 'summary.json').read_text())
+    assert np.isclose(summary['macro_auc'], roc_auc_score(y, probs, multi_class='ovr'))
+    assert np.isclose(summary['accuracy'], (preds['true'] == preds['predicted']).mean())
+    assert summary['skipped_files'] == 1 and 'broken.png' in (out / 'report.html').read_text()
+    assert '<img src="data:image/png;base64,' in (out / 'report.html').read_text()
+
+
+def test_unknown_classes_are_skipped_and_reported(run, tmp_path, capsys):
+    run_dir, data = run
+    mixed = tmp_path / 'mixed'
+    shutil.copytree(data / 'checker', mixed / 'checker')
+    make_image_folder(mixed, classes=('dots',), per_class=3)
+    out = tmp_path / 'out'
+    assert predict.main(['--weights', str(run_dir / 'best.pth'), '--data-root', str(mixed),
+                         '--output-dir', str(out), '--workers', '0']) == 0
+    summary = json.loads((out / 'summary.json').read_text())
+    assert summary['unknown_classes'] == ['dots'] and summary['images'] == 20
+    only_unknown = tmp_path / 'unknown'
+    make_image_folder(only_unknown, classes=('dots',), per_class=2)
+    assert predict.main(['--weights', str(run_dir / 'best.pth'), '--data-root', str(only_unknown)]) == 2
+    assert 'none of the folder' in capsys.readouterr().err
+
+
+def test_classify_images_prints_topk_and_writes_csv(run, tmp_path, capsys):
+    run_dir, data = run
+    files = sorted((data / 'stripes_h').glob('*.png'))[:2]
+    out = tmp_path / 'imgs'
+    assert predict.main(['--weights', str(run_dir / 'best.pth'), '--images', str(files[0]), str(data / 'checker'),
+                         '--topk', '2', '--output-dir', str(out), '--workers', '0']) == 0
+    printed = capsys.readouterr().out
+    assert str(files[0]) in printed and printed.count(':') >= 21
+    assert len(pd.read_csv(out / 'predictions.csv')) == 21
+
+
+def test_method_override_on_a_dense_checkpoint(run, tmp_path):
+    run_dir, data = run
+    out = tmp_path / 'tome'
+    assert predict.main(['--weights', str(run_dir / 'best.pth'), '--data-root', str(data), '--method', 'tome',
+                         '--tome-r', '2', '--output-dir', str(out), '--workers', '0']) == 0
+    summary = json.loads((out / 'summary.json').read_text())
+    assert summary['method'] == 'tome' and summary['method_cfg']['r'] == 2
+
+
+@pytest.mark.parametrize('kind', ['missing', 'truncated', 'plain_state_dict'])
+def test_bad_weights(kind, run, tmp_path, capsys):
+    run_dir, data = run
+    path = tmp_path / 'w.pth'
+    if kind == 'truncated':
+        path.write_bytes((run_dir / 'best.pth').read_bytes()[:5000])
+    elif kind == 'plain_state_dict':
+        torch.save(torch.load(run_dir / 'best.pth', weights_only=True)['model'], path)
+    assert predict.main(['--weights', str(path), '--data-root', str(data)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error:') and 'Traceback' not in err
+    assert {'missing': 'does not exist', 'truncated': 'not a readable checkpoint',
+            'plain_state_dict': 'not a checkpoint of this toolkit'}[kind] in err
+
+
+def test_empty_folder_and_missing_images(run, tmp_path, capsys):
+    run_dir, _ = run
+    (tmp_path / 'empty' / 'checker').mkdir(parents=True)
+    assert predict.main(['--weights', str(run_dir / 'best.pth'), '--data-root', str(tmp_path / 'empty')]) == 2
+    assert 'no readable images' in capsys.readouterr().err
+    assert predict.main(['--weights', str(run_dir / 'best.pth'), '--images', str(tmp_path / 'nope.jpg')]) == 2
+    assert 'not found' in capsys.readouterr().err
+
+
+def _synthetic(n_classes, per_class, rng):
+    targets = np.repeat(np.arange(n_classes), per_class)
+    logits = rng.normal(size=(len(targets), n_classes))
+    logits[np.arange(len(targets)), targets] += 2.0
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return probs, targets
+
+
+@pytest.mark.parametrize('n_classes', [2, 120])
+def test_binary_and_many_classes_stay_readable(n_classes, tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    probs, targets = _synthetic(n_classes, 3, rng)
+    img = tmp_path / 'x.png'
+    Image.new('RGB', (8, 8)).save(img)
+    names = [f'class_{i:03d}' for i in range(n_classes)]
+    context = dict(checkpoint='c', model='m', method='none', method_cfg={}, images_per_s=1.0)
+    summary = write_labelled_report(probs, targets, [str(img)] * len(targets), names, tmp_path / 'r', context)
+    for name in REPORT_FILES:
+        assert (tmp_path / 'r' / name).is_file(), name
+    assert summary['images'] == len(targets)
+    width, height = Image.open(tmp_path / 'r' / 'confusion_matrix.png').size
+    assert width <= 2200 and height <= 2200  # top-N view, not a 120 x 120 wall
+    table = pd.read_csv(tmp_path / 'r' / 'per_class_report.csv', index_col=0)
+    if n_classes == 2:
+        assert np.isclose(table.loc['class_001', 'roc_auc'], roc_auc_score(targets, probs[:, 1]))
+        assert np.isnan(table.loc['class_000', 'roc_auc'])
+    else:
+        assert len(pd.read_csv(tmp_path / 'r' / 'confusion_matrix.csv', index_col=0)) == n_classes

@@ -180,6 +180,7 @@ def write_labelled_report(probs: np.ndarray, targets: np.ndarray, paths: Sequenc
     per_class['average_precision'] = per_class.index.map({names[c]: v for c, v in ap.items()})
     accuracy = float((predicted == targets).mean())
     per_class.loc['accuracy'] = [np.nan, np.nan, accuracy, len(targets), np.nan, np.nan]
+    per_class['support'] = per_class['support'].astype(int)
     per_class.index.name = 'class'
     per_class.to_csv(out / 'per_class_report.csv')
 

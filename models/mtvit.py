@@ -1,0 +1,245 @@
+"""MTViT: multi-scale token mergence (arXiv 2306.04897, changingbz/mtvit), built on EViT (Liang et al.,
+"Not All Patches are What You Need", ICLR 2022, youweiliang/evit).
+
+In the prune blocks (by default depth/4, depth/2, 3 depth/4: blocks 3, 6, 9 of 12), after the attention
+residual, the image tokens are ranked by the attention the class token pays them (softmax(q_cls k^T), mean over
+heads, computed on its own so the block keeps fused attention) and the top ceil(keep_rate * N) are kept, in
+their order (196 -> 138 -> 97 -> 68 at 0.7). ``fusion='merge'`` (MTViT) folds each dropped token into its most
+cosine-similar kept token, weighted by that attention, adding no token; ``fusion='fuse'`` (EViT) averages all
+dropped tokens into one extra token. The MLP then runs on what is left. A model without a class token ranks by
+the mean attention each token receives. Token sizes are tracked so average pooling weighs merged tokens.
+
+Multi-scale (MTViT-T/S; ``multi_scale``): a half-size copy of the image runs through the blocks before the first
+prune block with the same weights (position embedding resampled); its tokens, upsampled to the fine grid, are
+fused into the fine tokens by a large-kernel depthwise-convolution attention module (5x5, then 7x7 dilated 3,
+then 1x1) whose output layer starts at zero, so a model built from dense weights starts with the dense logits.
+
+Keep-rate schedule (EViT): 1.0 until ``shrink_start_epoch``, then a cosine decay to ``keep_rate`` over
+``shrink_epochs`` epochs, per step (``update_schedule``); evaluation uses ``keep_rate``. Defaults: keep 0.7
+(EViT / MTViT DeiT-S), multi-scale on (MTViT-S), merge; shrinking starts at epoch 0 when fine-tuning from
+weights (the CLI's default with --pretrained) and lasts a third of training (EViT: 100 of 300 epochs).
+"""
+import argparse
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from .common import attn_residual, check_attention, embed, head, maybe_checkpoint, mlp_residual, swap_class
+
+FUSIONS = ('merge', 'fuse')
+
+
+def default_prune_blocks(depth: int):
+    return tuple(sorted({max(1, round(depth * f)) for f in (0.25, 0.5, 0.75)}))
+
+
+def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float, prefix: int, has_cls: bool) -> torch.Tensor:
+    """[B, image tokens] head-mean attention from the class token (or mean over all queries without one)."""
+    queries = q[:, :, :1] if has_cls else q
+    probs = ((queries * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    return probs[..., prefix:].mean(dim=(1, 2))
+
+
+def keep_and_merge(x, size, attention, keep: int, prefix: int, fusion: str):
+    """Keep the ``keep`` most attended image tokens; merge or fuse the rest (attention-weighted)."""
+    image, image_size = x[:, prefix:], size[:, prefix:]
+    order = attention.argsort(dim=-1, descending=True)
+    kept_idx = order[:, :keep].sort(dim=-1).values
+    gone_idx = order[:, keep:]
+
+    def take(t, idx):
+        return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+
+    kept, kept_size = take(image, kept_idx), take(image_size, kept_idx)
+    gone, gone_size = take(image, gone_idx), take(image_size, gone_idx)
+    w_kept = attention.gather(1, kept_idx)[..., None]
+    w_gone = attention.gather(1, gone_idx)[..., None]
+    if fusion == 'fuse':
+        fused = (w_gone * gone).sum(1, keepdim=True) / w_gone.sum(1, keepdim=True)
+        kept = torch.cat([kept, fused], dim=1)
+        kept_size = torch.cat([kept_size, gone_size.sum(1, keepdim=True)], dim=1)
+    else:
+        unit_kept = kept / kept.norm(dim=-1, keepdim=True)
+        unit_gone = gone / gone.norm(dim=-1, keepdim=True)
+        target = (unit_gone @ unit_kept.transpose(-1, -2)).argmax(dim=-1)[..., None]  # [B, dropped, 1]
+        weight_sum = w_kept.scatter_add(1, target, w_gone)
+        merged = (w_kept * kept).scatter_add(1, target.expand(-1, -1, kept.shape[-1]), w_gone * gone)
+        kept = merged / weight_sum
+        kept_size = kept_size.scatter_add(1, target, gone_size)
+    return torch.cat([x[:, :prefix], kept], dim=1), torch.cat([size[:, :prefix], kept_size], dim=1)
+
+
+class PruneBlock:
+    """A timm ViT block that keeps the most attended image tokens after attention."""
+
+    def forward(self, x, size, keep_rate: float, fusion: str, prefix: int, has_cls: bool):
+        x, q, k = attn_residual(self, x)
+        n_image = x.shape[1] - prefix
+        keep = min(n_image, math.ceil(keep_rate * n_image))
+        if keep < n_image:
+            attention = class_attention(q, k, self.attn.scale, prefix, has_cls)
+            x, size = keep_and_merge(x, size, attention, keep, prefix, fusion)
+        return mlp_residual(self, x), size
+
+
+class ScaleFusion(nn.Module):
+    """Fuses upsampled coarse tokens into the fine ones through large-kernel depthwise attention (LKA)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.local = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
+        self.wide = nn.Conv2d(dim, dim, 7, padding=9, dilation=3, groups=dim)
+        self.mix = nn.Conv2d(dim, dim, 1)
+        self.out = nn.Conv2d(dim, dim, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        """fine, coarse: [B, C, H, W] (coarse already upsampled); returns the fused fine map."""
+        attention = self.mix(self.wide(self.local(coarse)))
+        return fine + self.out(attention * coarse)
+
+
+def embed_half_size(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The ViT stem on a half-size copy of ``images``, position embedding resampled to its grid."""
+    small = F.interpolate(images, scale_factor=0.5, mode='bilinear', align_corners=False, antialias=True)
+    pe = model.patch_embed
+    x = pe.proj(small)
+    grid = x.shape[-2:]
+    x = pe.norm(x.flatten(2).transpose(1, 2))
+    pos = resample_abs_pos_embed(model.pos_embed, list(grid), list(pe.grid_size),
+                                 num_prefix_tokens=0 if model.no_embed_class else model.num_prefix_tokens)
+    tokens = [t for t in (model.cls_token, getattr(model, 'dist_token', None), model.reg_token) if t is not None]
+    prefix = [t.expand(x.shape[0], -1, -1) for t in tokens]
+    x = torch.cat(prefix + [x + pos], 1) if model.no_embed_class else torch.cat(prefix + [x], 1) + pos
+    return model.norm_pre(model.patch_drop(model.pos_drop(x)))
+
+
+class MTViTVisionTransformer:
+    """A timm VisionTransformer with EViT/MTViT token keeping in its prune blocks."""
+
+    method_name = 'mtvit'
+    new_param_prefixes = ('mtvit_fusion.',)
+
+    @property
+    def method_cfg(self) -> dict:
+        return dict(self.mtvit_cfg)
+
+    def configure(self, **changes) -> None:
+        unknown = sorted(set(changes) - set(self.mtvit_cfg))
+        if unknown:
+            raise ValueError(f"unknown mtvit setting(s) {', '.join(unknown)}; mtvit takes {', '.join(self.mtvit_cfg)}")
+        if 'multi_scale' in changes and changes['multi_scale'] != self.mtvit_cfg['multi_scale']:
+            raise ValueError('mtvit: multi_scale is fixed when the model is built; build it again to change it')
+        cfg = {**self.mtvit_cfg, **changes}
+        blocks = tuple(int(b) for b in cfg['prune_blocks'])
+        if not 0 < cfg['keep_rate'] <= 1:
+            raise ValueError(f"mtvit: keep_rate must be in (0, 1], got {cfg['keep_rate']}")
+        if cfg['fusion'] not in FUSIONS:
+            raise ValueError(f"mtvit: fusion must be one of {FUSIONS}, got {cfg['fusion']}")
+        if not blocks or blocks != tuple(sorted(set(blocks))) or blocks[0] < 1 or blocks[-1] >= len(self.blocks):
+            raise ValueError(f'mtvit: prune_blocks must be increasing block indices in 1..{len(self.blocks) - 1}, '
+                             f'got {cfg["prune_blocks"]}')
+        if cfg['shrink_start_epoch'] < 0 or cfg['shrink_epochs'] < 0:
+            raise ValueError('mtvit: shrink_start_epoch and shrink_epochs must be >= 0')
+        cfg['prune_blocks'] = list(blocks)
+        self.mtvit_cfg = cfg
+        for i, blk in enumerate(self.blocks):
+            if i in blocks:
+                swap_class(blk, PruneBlock)
+
+    def update_schedule(self, epoch: float, total_epochs: int) -> None:
+        """EViT's cosine keep-rate schedule, per step."""
+        cfg = self.mtvit_cfg
+        progress = (epoch - cfg['shrink_start_epoch']) / max(cfg['shrink_epochs'], 1e-8)
+        progress = min(max(progress, 0.0), 1.0)
+        self.mtvit_train_keep_rate = cfg['keep_rate'] + (1 - cfg['keep_rate']) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def keep_rate_in_force(self) -> float:
+        if self.training and self.mtvit_train_keep_rate is not None:
+            return self.mtvit_train_keep_rate
+        return self.mtvit_cfg['keep_rate']
+
+    def method_stats(self) -> dict:
+        return dict(keep_rate=self.keep_rate_in_force())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        cfg = self.mtvit_cfg
+        prefix, has_cls = self.num_prefix_tokens, self.cls_token is not None
+        first = cfg['prune_blocks'][0]
+        x = embed(self, images)
+        for blk in self.blocks[:first]:
+            x = maybe_checkpoint(self, blk, x)
+        if cfg['multi_scale']:
+            x = maybe_checkpoint(self, self._fuse_scales, x, images)
+        size = x.new_ones(x.shape[0], x.shape[1], 1)
+        keep_rate = self.keep_rate_in_force()
+        for i, blk in enumerate(self.blocks):
+            if i < first:
+                continue
+            if i in cfg['prune_blocks']:
+                x, size = maybe_checkpoint(self, blk, x, size, keep_rate, cfg['fusion'], prefix, has_cls)
+            else:
+                x = maybe_checkpoint(self, blk, x)
+        return head(self, x, size)
+
+    def _fuse_scales(self, x: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Run the half-size image through the pre-prune blocks and fuse it into the fine tokens ``x``."""
+        prefix = self.num_prefix_tokens
+        coarse = embed_half_size(self, images)
+        for blk in self.blocks[:self.mtvit_cfg['prune_blocks'][0]]:
+            coarse = blk(coarse)
+        h, w = images.shape[-2] // self.patch_embed.patch_size[0], images.shape[-1] // self.patch_embed.patch_size[1]
+        ch, cw = (images.shape[-2] // 2) // self.patch_embed.patch_size[0], (images.shape[-1] // 2) // self.patch_embed.patch_size[1]
+        to_map = lambda t, a, b: t[:, prefix:].transpose(1, 2).reshape(t.shape[0], -1, a, b)  # noqa: E731
+        coarse_map = F.interpolate(to_map(coarse, ch, cw), size=(h, w), mode='bilinear', align_corners=False)
+        fused = self.mtvit_fusion(to_map(x, h, w), coarse_map)
+        return torch.cat([x[:, :prefix], fused.flatten(2).transpose(1, 2)], dim=1)
+
+
+def apply(model: nn.Module, keep_rate: float = 0.7, prune_blocks: Optional[Sequence[int]] = None,
+          multi_scale: bool = True, fusion: str = 'merge', shrink_start_epoch: float = 0,
+          shrink_epochs: float = 10) -> nn.Module:
+    """Turn a timm ViT into MTViT in place; the fusion module (multi-scale) is new and starts at zero."""
+    for blk in model.blocks:
+        check_attention(blk.attn)
+    swap_class(model, MTViTVisionTransformer)
+    if multi_scale:
+        ref = model.pos_embed
+        model.mtvit_fusion = ScaleFusion(model.embed_dim).to(device=ref.device, dtype=ref.dtype)
+    model.mtvit_train_keep_rate = None
+    model.mtvit_cfg = dict(keep_rate=keep_rate, prune_blocks=list(default_prune_blocks(len(model.blocks))),
+                           multi_scale=bool(multi_scale), fusion=fusion, shrink_start_epoch=shrink_start_epoch,
+                           shrink_epochs=shrink_epochs)
+    model.configure(keep_rate=keep_rate, fusion=fusion, shrink_start_epoch=shrink_start_epoch,
+                    shrink_epochs=shrink_epochs,
+                    prune_blocks=list(prune_blocks) if prune_blocks else model.mtvit_cfg['prune_blocks'])
+    return model
+
+
+def add_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument('--keep-rate', type=float, default=0.7, help='MTViT: image tokens kept per prune block')
+    group.add_argument('--multi-scale', action=argparse.BooleanOptionalAction, default=True,
+                       help='MTViT: fuse half-size features (MTViT-T/S; off for MTViT-B)')
+    group.add_argument('--mtvit-fusion', choices=FUSIONS, default='merge',
+                       help="MTViT: 'merge' dropped tokens into kept ones, or 'fuse' them into one (EViT)")
+    group.add_argument('--prune-blocks', type=int, nargs='+', help='MTViT: blocks that prune (default: depth/4, /2, 3/4)')
+    group.add_argument('--shrink-start-epoch', type=float,
+                       help='MTViT: epoch the keep rate starts falling (default: 0 with --pretrained, else epochs/30)')
+    group.add_argument('--shrink-epochs', type=float, help='MTViT: epochs of the cosine decay (default: epochs/3)')
+
+
+def cfg_from_args(args: argparse.Namespace) -> dict:
+    epochs = getattr(args, 'epochs', 30)
+    start = args.shrink_start_epoch
+    if start is None:
+        start = 0 if getattr(args, 'pretrained', None) else epochs / 30
+    cfg = dict(keep_rate=args.keep_rate, multi_scale=args.multi_scale, fusion=args.mtvit_fusion,
+               shrink_start_epoch=start, shrink_epochs=epochs / 3 if args.shrink_epochs is None else args.shrink_epochs)
+    if args.prune_blocks:
+        cfg['prune_blocks'] = args.prune_blocks
+    return cfg

@@ -1,0 +1,73 @@
+"""MTViT / EViT: kept tokens per block, multi-scale start, keep-rate schedule, MACs on DeiT-S."""
+import pytest
+import torch
+
+from conftest import TINY
+from models import build_model
+from models.mtvit import keep_and_merge
+from utils.profiling import count_macs
+
+
+def tokens_per_block(model, x):
+    counts = []
+    hooks = [blk.register_forward_hook(lambda m, i, o: counts.append((o[0] if isinstance(o, tuple) else o).shape[1]))
+             for blk in model.blocks]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return counts
+
+
+def test_tokens_follow_the_keep_rate_at_224():
+    model = build_model('deit_small_patch16_224', 'mtvit', dict(keep_rate=0.7, multi_scale=False), num_classes=3,
+                        embed_dim=48, num_heads=2).eval()
+    counts = tokens_per_block(model, torch.randn(1, 3, 224, 224))
+    assert [c - 1 for c in counts] == [196] * 3 + [138] * 3 + [97] * 3 + [68] * 3
+    model.configure(fusion='fuse')
+    assert [c - 1 for c in tokens_per_block(model, torch.randn(1, 3, 224, 224))][-1] == 68 + 3
+
+
+def test_multi_scale_model_built_from_dense_weights_gives_dense_logits():
+    dense = build_model('vit_tiny_patch16_224', num_classes=3, **{**TINY, 'img_size': 64}).eval()
+    model = build_model('vit_tiny_patch16_224', 'mtvit', dict(keep_rate=1.0, multi_scale=True), num_classes=3,
+                        **{**TINY, 'img_size': 64}).eval()
+    model.load_state_dict(dense.state_dict(), strict=False)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (model(x) - dense(x)).abs().max() <= 1e-5
+    assert all(n.startswith('mtvit_fusion.') for n in set(model.state_dict()) - set(dense.state_dict()))
+
+
+def test_merge_folds_dropped_tokens_into_their_nearest_kept_token():
+    x = torch.tensor([[[9.0, 9.0], [1.0, 0.0], [0.0, 1.0], [2.0, 0.1]]])  # prefix, then three image tokens
+    size = torch.ones(1, 4, 1)
+    attention = torch.tensor([[0.5, 0.3, 0.2]])
+    out, out_size = keep_and_merge(x, size, attention, keep=2, prefix=1, fusion='merge')
+    expected = (0.5 * torch.tensor([1.0, 0.0]) + 0.2 * torch.tensor([2.0, 0.1])) / 0.7
+    assert torch.allclose(out[0, 1], expected) and torch.allclose(out[0, 2], torch.tensor([0.0, 1.0]))
+    assert out_size.flatten().tolist() == [1, 2, 1]
+
+
+@pytest.mark.parametrize('epoch, expected', [(0, 1.0), (2, 1.0), (7, 0.85), (12, 0.7), (30, 0.7)])
+def test_cosine_keep_rate_schedule(epoch, expected):
+    model = build_model('vit_tiny_patch16_224', 'mtvit', dict(keep_rate=0.7, shrink_start_epoch=2, shrink_epochs=10),
+                        num_classes=3, **TINY)
+    model.update_schedule(epoch, 30)
+    model.train()
+    assert model.method_stats()['keep_rate'] == pytest.approx(expected)
+    model.eval()
+    assert model.method_stats()['keep_rate'] == 0.7
+
+
+def test_bad_settings_are_clear():
+    with pytest.raises(ValueError, match='keep_rate'):
+        build_model('vit_tiny_patch16_224', 'mtvit', dict(keep_rate=0), num_classes=3, **TINY)
+    with pytest.raises(ValueError, match='prune_blocks'):
+        build_model('vit_tiny_patch16_224', 'mtvit', dict(prune_blocks=[2, 9]), num_classes=3, **TINY)
+
+
+def test_deit_small_macs_match_evit():
+    model = build_model('deit_small_patch16_224', 'mtvit', dict(keep_rate=0.7, multi_scale=False), num_classes=10)
+    macs, _ = count_macs(model, torch.randn(1, 3, 224, 224))
+    assert abs(macs / 1e9 - 3.0) / 3.0 < 0.05

@@ -12,8 +12,9 @@ from models.registry import available_methods
 
 # settings that switch each method off, and settings that make it reduce tokens on the tiny models
 OFF = {'tome': dict(r=0), 'gtp': dict(num_prop=0), 'mtvit': dict(keep_rate=1.0, multi_scale=False),
-       'dge': dict(force_split='finest')}
-ON = {'tome': dict(r=2), 'gtp': dict(num_prop=2), 'mtvit': dict(keep_rate=0.5), 'dge': dict(budget=0.5)}
+       'toe': dict(stage=2), 'dge': dict(force_split='finest')}
+ON = {'tome': dict(r=2), 'gtp': dict(num_prop=2), 'mtvit': dict(keep_rate=0.5), 'toe': dict(stage=0),
+      'dge': dict(budget=0.5)}
 BACKBONES = {
     'plain': ('vit_tiny_patch16_224', {}),
     'layerscale': ('vit_tiny_patch16_224', dict(init_values=0.1)),

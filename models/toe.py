@@ -1,0 +1,152 @@
+"""ToE: Token Expansion (Huang et al., "A General and Efficient Training for Transformer via Token
+Expansion", CVPR 2024; Osilly/TokenExpansion).
+
+A training-time method: training starts with a fraction of the image tokens and expands to all of them, so the
+trained model is a plain ViT (evaluation and saved weights are unchanged). In training mode, after the first
+block, a token selector keeps a subset: it seeds ``init_keep_rate`` of the tokens at a uniform stride, then in
+``substeps`` sub-steps adds the tokens least similar (cosine) to those already kept until the stage's keep rate
+is reached; every token left out is merged (mean) into its most similar kept token, and the remaining blocks run
+on the kept tokens. The stage is how many of ``steps`` (fractions of the total epochs) have passed; the keep
+rate is ``keep_rate[stage]``. Defaults from the paper's DeiT-S recipe (stages at epochs 0/100/200 of 300, keep
+0.5/0.75/1.0, initial 0.25, 2 sub-steps), with the stage boundaries as fractions so they scale with --epochs.
+"""
+import argparse
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .common import check_attention, embed, head, maybe_checkpoint, swap_class
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[B, n, m] cosine similarity of token sets a [B, n, C] and b [B, m, C]."""
+    return (a / a.norm(dim=-1, keepdim=True)) @ (b / b.norm(dim=-1, keepdim=True)).transpose(-1, -2)
+
+
+def select_tokens(tokens: torch.Tensor, keep: int, init_keep_rate: float, substeps: int) -> torch.Tensor:
+    """Indices [B, keep] (sorted) of the image tokens [B, N, C] that ToE's selector keeps.
+
+    Seeds at a uniform stride, then ``substeps`` rounds that add the tokens least similar to the kept set.
+    """
+    b, n, _ = tokens.shape
+    seeds = min(keep, max(1, round(init_keep_rate * n)))
+    chosen = torch.zeros(b, n, dtype=torch.bool, device=tokens.device)
+    chosen[:, torch.linspace(0, n - 1, seeds, device=tokens.device).round().long()] = True
+    similarity = cosine(tokens, tokens)
+    for step in range(substeps):
+        target = seeds + math.ceil((keep - seeds) * (step + 1) / substeps)
+        missing = target - int(chosen[0].sum())
+        if missing <= 0:
+            continue
+        # a token's closeness to the kept set = its highest similarity to a kept token
+        closeness = similarity.masked_fill(~chosen[:, None, :], -2).amax(dim=-1).masked_fill(chosen, 3)
+        chosen.scatter_(1, closeness.topk(missing, dim=-1, largest=False).indices, True)
+    return chosen.nonzero()[:, 1].view(b, keep)
+
+
+def shrink(x: torch.Tensor, size: torch.Tensor, keep_rate: float, init_keep_rate: float, substeps: int,
+           prefix: int):
+    """Keep ToE's selection of image tokens; merge each left-out token (mean) into its most similar kept one."""
+    image, n = x[:, prefix:], x.shape[1] - prefix
+    keep = max(1, round(keep_rate * n))
+    if keep >= n:
+        return x, size
+    kept_idx = select_tokens(image.detach(), keep, init_keep_rate, substeps)
+    left = torch.ones(x.shape[0], n, dtype=torch.bool, device=x.device).scatter(1, kept_idx, False)
+    left_idx = left.nonzero()[:, 1].view(x.shape[0], n - keep)
+
+    def take(t, idx):
+        return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+
+    kept, others = take(image, kept_idx), take(image, left_idx)
+    target = cosine(others, kept).argmax(dim=-1)[..., None]
+    count = torch.ones_like(kept[..., :1]).scatter_add(1, target, torch.ones_like(others[..., :1]))
+    kept = kept.scatter_add(1, target.expand(-1, -1, kept.shape[-1]), others) / count
+    kept_size = take(size[:, prefix:], kept_idx).scatter_add(1, target, take(size[:, prefix:], left_idx))
+    return torch.cat([x[:, :prefix], kept], 1), torch.cat([size[:, :prefix], kept_size], 1)
+
+
+class ToEVisionTransformer:
+    """A timm VisionTransformer that trains on an expanding subset of its tokens (plain ViT in evaluation)."""
+
+    method_name = 'toe'
+
+    @property
+    def method_cfg(self) -> dict:
+        return dict(self.toe_cfg)
+
+    def configure(self, **changes) -> None:
+        allowed = set(self.toe_cfg) | {'stage'}
+        unknown = sorted(set(changes) - allowed)
+        if unknown:
+            raise ValueError(f"unknown toe setting(s) {', '.join(unknown)}; toe takes {', '.join(sorted(allowed))}")
+        stage = changes.pop('stage', self.toe_stage)
+        cfg = {**self.toe_cfg, **changes}
+        rates, steps = [float(r) for r in cfg['keep_rate']], [float(s) for s in cfg['steps']]
+        if len(rates) != len(steps) or not rates:
+            raise ValueError(f'toe: keep_rate ({len(rates)} values) and steps ({len(steps)} values) need one value '
+                             f'per stage, e.g. --toe-keep-rate 0.5 0.75 1.0 --toe-steps 0 0.33 0.67')
+        if steps[0] != 0 or any(b <= a for a, b in zip(steps, steps[1:])) or steps[-1] >= 1:
+            raise ValueError(f'toe: steps must start at 0 and increase below 1 (fractions of training), got {steps}')
+        if not all(0 < r <= 1 for r in rates) or not 0 < cfg['init_keep_rate'] <= min(rates):
+            raise ValueError(f"toe: keep rates must be in (0, 1] and init_keep_rate in (0, {min(rates)}], "
+                             f"got {rates} and {cfg['init_keep_rate']}")
+        if int(cfg['substeps']) < 1:
+            raise ValueError('toe: substeps must be >= 1')
+        if stage is not None and not 0 <= stage < len(rates):
+            raise ValueError(f'toe: stage must be in 0..{len(rates) - 1}, got {stage}')
+        self.toe_cfg = dict(cfg, keep_rate=rates, steps=steps, substeps=int(cfg['substeps']))
+        self.toe_stage = stage
+
+    def update_schedule(self, epoch: float, total_epochs: int) -> None:
+        """The stage is the number of stage boundaries (fractions of training) passed, minus one."""
+        progress = epoch / max(total_epochs, 1)
+        self.toe_stage = sum(progress >= s for s in self.toe_cfg['steps']) - 1
+
+    def keep_rate_in_force(self) -> float:
+        if not self.training:
+            return 1.0
+        return self.toe_cfg['keep_rate'][self.toe_stage or 0]
+
+    def method_stats(self) -> dict:
+        return dict(stage=float(self.toe_stage or 0), keep_rate=self.keep_rate_in_force())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = embed(self, images)
+        size = x.new_ones(x.shape[0], x.shape[1], 1)
+        keep_rate = self.keep_rate_in_force()
+        for i, blk in enumerate(self.blocks):
+            x = maybe_checkpoint(self, blk, x)
+            if i == 0 and keep_rate < 1:
+                x, size = shrink(x, size, keep_rate, self.toe_cfg['init_keep_rate'], self.toe_cfg['substeps'],
+                                 self.num_prefix_tokens)
+        return head(self, x, size if keep_rate < 1 else None)
+
+
+def apply(model: nn.Module, keep_rate: Sequence[float] = (0.5, 0.75, 1.0), steps: Sequence[float] = (0, 0.33, 0.67),
+          init_keep_rate: float = 0.25, substeps: int = 2, stage: Optional[int] = None) -> nn.Module:
+    """Turn a timm ViT into ToE in place (no new parameters; evaluation is the plain ViT)."""
+    for blk in model.blocks:
+        check_attention(blk.attn)
+    swap_class(model, ToEVisionTransformer)
+    model.toe_stage = None
+    model.toe_cfg = dict(keep_rate=list(keep_rate), steps=list(steps), init_keep_rate=init_keep_rate,
+                         substeps=substeps)
+    model.configure(stage=stage)
+    return model
+
+
+def add_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument('--toe-keep-rate', type=float, nargs='+', default=[0.5, 0.75, 1.0],
+                       help='ToE: keep rate of each stage')
+    group.add_argument('--toe-steps', type=float, nargs='+', default=[0, 0.33, 0.67],
+                       help='ToE: where each stage starts, as fractions of --epochs')
+    group.add_argument('--toe-init-keep-rate', type=float, default=0.25, help='ToE: tokens seeded at a uniform stride')
+    group.add_argument('--toe-substeps', type=int, default=2, help='ToE: expansion sub-steps per selection')
+
+
+def cfg_from_args(args: argparse.Namespace) -> dict:
+    return dict(keep_rate=args.toe_keep_rate, steps=args.toe_steps, init_keep_rate=args.toe_init_keep_rate,
+                substeps=args.toe_substeps)

@@ -10,9 +10,10 @@ from conftest import TINY
 from models import build_model
 from models.registry import available_methods
 
-# settings that switch each method off, and settings that make it reduce tokens on the tiny models
-OFF = {'tome': dict(r=0), 'gtp': dict(num_prop=0), 'mtvit': dict(keep_rate=1.0, multi_scale=False),
-       'toe': dict(stage=2), 'dge': dict(force_split='finest')}
+# settings that switch each method off (at build time, then at run time), and settings that make it reduce
+# tokens on the tiny models
+OFF = {'tome': (dict(r=0), {}), 'gtp': (dict(num_prop=0), {}), 'mtvit': (dict(keep_rate=1.0, multi_scale=False), {}),
+       'toe': (dict(stage=2), {}), 'dge': ({}, dict(force_split='finest'))}
 ON = {'tome': dict(r=2), 'gtp': dict(num_prop=2), 'mtvit': dict(keep_rate=0.5), 'toe': dict(stage=0),
       'dge': dict(budget=0.5)}
 BACKBONES = {
@@ -35,7 +36,8 @@ def tiny(name, method='none', cfg=None, **kw):
 def test_switched_off_equals_dense(method, backbone):
     name, kw = BACKBONES[backbone]
     dense = tiny(name, **kw).eval()
-    reduced = tiny(name, method, OFF[method], **kw).eval()
+    reduced = tiny(name, method, OFF[method][0], **kw).eval()
+    reduced.configure(**OFF[method][1])
     missing, unexpected = reduced.load_state_dict(dense.state_dict(), strict=False)
     assert not unexpected
     x = torch.randn(3, 3, 64, 64)

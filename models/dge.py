@@ -1,0 +1,274 @@
+"""DGE: Dynamic Grained Encoder (Song et al., "Dynamic Grained Encoder for Vision Transformers", NeurIPS 2021;
+StevenGrove/vtpack), in plain PyTorch.
+
+In every block the queries are sparse and the keys/values dense. The token grid is cut into regions of
+``region`` x ``region`` tokens; a per-block router (the region's mean token after ``norm1``, a linear layer, one
+logit per split) picks for each region one split s of ``splits``: the region's tokens are average-pooled into
+s x s queries (s = region: every token is a query). The block runs attention with those queries against the
+keys/values of all tokens, and the MLP on the queries only; each query's update (output - pooled input) is
+added to every token of its cell. Prefix tokens are always queries. Training samples the split with hard
+Gumbel-softmax (straight-through), inference takes the argmax. A budget loss
+``loss_weight * (used / maximum queries - budget)^2`` (``extra_loss``) holds the image-query share to the budget;
+the router's bias starts at probability ``init_finest_prob`` for the finest split, so training starts from the
+dense model. Defaults: budget 0.5, region 4, splits (4, 2, 1) (the paper's); loss weight 1.0 (our choice).
+
+Grids that do not divide into regions (224 px at patch 16: 14 x 14) are handled without padding tokens: the last
+row/column of regions is smaller, a cell is pooled over the tokens it really holds, and cells holding none do not
+exist, so nothing padded enters keys, values or outputs. Two execution paths give the same numbers: ``masked``
+(training: every split's queries are computed and the router's one-hot gates pick per region, which is simple to
+differentiate) and ``packed`` (inference: only the chosen queries are gathered, so the work falls with the
+budget). ``routing_macs`` gives the MACs of a forward from the routing it took.
+"""
+import argparse
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .common import check_attention, embed, head, maybe_checkpoint, swap_class
+
+PATHS = ('auto', 'masked', 'packed')
+
+
+@dataclass
+class Geometry:
+    """Index maps of one token grid: for each split, the cell of every token and the region of every cell."""
+    num_regions: int
+    cell_of_token: List[torch.Tensor]   # per split: [N] cell index of each image token
+    cell_region: List[torch.Tensor]     # per split: [cells] region of each cell
+    cell_size: List[torch.Tensor]       # per split: [cells] tokens in each cell
+    offsets: List[int]                  # per split: where its cells start in the concatenation of all splits
+    queries: torch.Tensor               # [splits, regions] number of queries each region gets at each split
+
+    @staticmethod
+    def build(height: int, width: int, region: int, splits: Sequence[int], device) -> 'Geometry':
+        rows = torch.arange(height, device=device).repeat_interleave(width)
+        cols = torch.arange(width, device=device).repeat(height)
+        regions_w = math.ceil(width / region)
+        region_of = (rows // region) * regions_w + cols // region
+        num_regions = math.ceil(height / region) * regions_w
+        cells, owners, sizes, offsets, queries, start = [], [], [], [], [], 0
+        for s in splits:
+            side = region // s
+            cells_w = math.ceil(width / side)
+            raw = (rows // side) * cells_w + cols // side
+            used, cell = raw.unique(return_inverse=True)  # only cells that hold tokens
+            owner = torch.zeros(len(used), dtype=torch.long, device=device).scatter_(0, cell, region_of)
+            cells.append(cell)
+            owners.append(owner)
+            sizes.append(torch.bincount(cell, minlength=len(used)))
+            offsets.append(start)
+            start += len(used)
+            queries.append(torch.bincount(owner, minlength=num_regions))
+        return Geometry(num_regions, cells, owners, sizes, offsets, torch.stack(queries).float())
+
+
+def pool(x: torch.Tensor, cell: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """Mean of the image tokens x [B, N, C] over each cell -> [B, cells, C]."""
+    summed = x.new_zeros(x.shape[0], len(size), x.shape[-1]).index_add_(1, cell, x)
+    return summed / size[None, :, None].to(x.dtype)
+
+
+def sparse_query_block(block: nn.Module, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The timm block run for ``queries`` [B, M, C] attending to all ``tokens`` [B, T, C]; returns the update."""
+    attn = block.attn
+    c = attn.attn_dim
+    w, b = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(block.norm1(queries), w[:c], None if b is None else b[:c])
+    kv = F.linear(block.norm1(tokens), w[c:], None if b is None else b[c:])
+    bsz, m, t = queries.shape[0], queries.shape[1], tokens.shape[1]
+    q = attn.q_norm(q.view(bsz, m, attn.num_heads, attn.head_dim).transpose(1, 2))
+    k, v = kv.view(bsz, t, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    k = attn.k_norm(k)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.)
+    out = attn.proj_drop(attn.proj(attn.norm(out.transpose(1, 2).reshape(bsz, m, c))))
+    y = queries + block.drop_path1(block.ls1(out))
+    y = y + block.drop_path2(block.ls2(block.mlp(block.norm2(y))))
+    return y - queries
+
+
+class DGEBlock:
+    """A timm ViT block with dynamic-grained queries; ``self.router`` picks a split per region."""
+
+    def route(self, x: torch.Tensor, geo: Geometry, prefix: int, forced: Optional[torch.Tensor]) -> torch.Tensor:
+        """One-hot gates [B, regions, splits]: Gumbel (training), argmax (inference) or ``forced`` indices."""
+        if forced is not None:
+            return F.one_hot(forced, geo.queries.shape[0]).to(x.dtype)
+        coarsest = len(geo.cell_size) - 1
+        regions = pool(self.norm1(x[:, prefix:]), geo.cell_of_token[coarsest], geo.cell_size[coarsest])
+        logits = self.router(regions)
+        if self.training:
+            return F.gumbel_softmax(logits.float(), tau=1.0, hard=True).to(x.dtype)
+        return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(x.dtype)
+
+    def forward(self, x: torch.Tensor, geo: Geometry, prefix: int, path: str, forced: Optional[torch.Tensor]):
+        image = x[:, prefix:]
+        gates = self.route(x, geo, prefix, forced)                       # [B, regions, splits]
+        pooled = torch.cat([pool(image, c, n) for c, n in zip(geo.cell_of_token, geo.cell_size)], dim=1)
+        query_gate = torch.cat([gates[:, owner, s] for s, owner in enumerate(geo.cell_region)], dim=1)
+        candidates = torch.cat([x[:, :prefix], pooled], dim=1)          # prefix + every cell of every split
+        if path == 'masked':
+            update = sparse_query_block(self, candidates, x)
+            update = torch.cat([update[:, :prefix], update[:, prefix:] * query_gate[..., None]], dim=1)
+        else:
+            update = self._packed(candidates, x, query_gate, prefix)
+        spread = sum(update[:, prefix + off + cell] for off, cell in zip(geo.offsets, geo.cell_of_token))
+        used = (gates * geo.queries.T[None].to(gates.dtype)).sum(dim=(1, 2))  # image queries per image
+        return torch.cat([x[:, :prefix] + update[:, :prefix], image + spread], dim=1), used
+
+    def _packed(self, candidates, x, query_gate, prefix: int) -> torch.Tensor:
+        """Run only the chosen queries (padded to the batch's largest count) and scatter their updates back."""
+        chosen = torch.cat([query_gate.new_ones(query_gate.shape[0], prefix), query_gate], dim=1) > 0.5
+        count = chosen.sum(dim=1)
+        order = chosen.float().argsort(dim=1, descending=True, stable=True)[:, :int(count.max())]
+        picked = candidates.gather(1, order[..., None].expand(-1, -1, candidates.shape[-1]))
+        update = sparse_query_block(self, picked, x)
+        valid = (torch.arange(order.shape[1], device=x.device)[None] < count[:, None])[..., None]
+        return torch.zeros_like(candidates).scatter_add(1, order[..., None].expand_as(update), update * valid)
+
+
+class DGEVisionTransformer:
+    """A timm VisionTransformer whose blocks use dynamic-grained queries."""
+
+    method_name = 'dge'
+    new_param_prefixes = tuple(f'blocks.{i}.router.' for i in range(64))
+
+    @property
+    def method_cfg(self) -> dict:
+        return dict(self.dge_cfg)
+
+    def configure(self, **changes) -> None:
+        """Settings (budget, loss_weight), plus run-time controls: force_split ('finest', 'coarsest', a split or
+        None), routing (a [blocks, B, regions] tensor of split indices, or None) and path (auto/masked/packed)."""
+        controls = {'force_split', 'routing', 'path'}
+        unknown = sorted(set(changes) - set(self.dge_cfg) - controls)
+        if unknown:
+            raise ValueError(f"unknown dge setting(s) {', '.join(unknown)}; dge takes "
+                             f"{', '.join(list(self.dge_cfg) + sorted(controls))}")
+        fixed = [k for k in ('region', 'splits', 'init_finest_prob') if k in changes and changes[k] != self.dge_cfg[k]]
+        if fixed:
+            raise ValueError(f'dge: {fixed} are fixed when the model is built; build it again to change them')
+        splits = self.dge_cfg['splits']
+        force = changes.get('force_split', self.dge_force)
+        if force not in (None, 'finest', 'coarsest') and force not in splits:
+            raise ValueError(f"dge: force_split must be None, 'finest', 'coarsest' or one of {splits}, got {force}")
+        if changes.get('path', self.dge_path) not in PATHS:
+            raise ValueError(f'dge: path must be one of {PATHS}')
+        cfg = {**self.dge_cfg, **{k: v for k, v in changes.items() if k not in controls}}
+        if not 0 < cfg['budget'] <= 1 or cfg['loss_weight'] < 0:
+            raise ValueError(f"dge: budget must be in (0, 1] and loss_weight >= 0, got {cfg['budget']}, {cfg['loss_weight']}")
+        self.dge_cfg, self.dge_force = cfg, force
+        self.dge_routing = changes.get('routing', self.dge_routing)
+        self.dge_path = changes.get('path', self.dge_path)
+
+    def _forced(self, index: int, batch: int, regions: int, device) -> Optional[torch.Tensor]:
+        if self.dge_routing is not None:
+            return self.dge_routing[index].to(device)
+        if self.dge_force is None:
+            return None
+        splits = list(self.dge_cfg['splits'])
+        choice = {'finest': splits.index(max(splits)), 'coarsest': splits.index(min(splits))}.get(
+            self.dge_force, splits.index(self.dge_force) if self.dge_force in splits else 0)
+        return torch.full((batch, regions), choice, dtype=torch.long, device=device)
+
+    def geometry(self, height: int, width: int, device) -> Geometry:
+        key = (height, width, str(device))
+        if key not in self.dge_geometry:
+            self.dge_geometry[key] = Geometry.build(height, width, self.dge_cfg['region'], self.dge_cfg['splits'], device)
+        return self.dge_geometry[key]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = embed(self, images)
+        p = self.patch_embed.patch_size
+        geo = self.geometry(images.shape[-2] // p[0], images.shape[-1] // p[1], x.device)
+        path = self.dge_path if self.dge_path != 'auto' else ('masked' if self.training else 'packed')
+        prefix, used = self.num_prefix_tokens, []
+        routing = []
+        for i, blk in enumerate(self.blocks):
+            forced = self._forced(i, x.shape[0], geo.num_regions, x.device)
+            x, n = maybe_checkpoint(self, blk, x, geo, prefix, path, forced)
+            used.append(n)
+        ratio = torch.stack(used, dim=1) / (x.shape[1] - prefix)        # [B, blocks] image-query share
+        self.dge_last_ratio = ratio.mean() if self.training else None
+        self.dge_ratio_sum += ratio.detach().mean(dim=1).sum().item()
+        self.dge_ratio_count += ratio.shape[0]
+        return head(self, x)
+
+    def extra_loss(self) -> Optional[torch.Tensor]:
+        if self.dge_last_ratio is None or self.dge_force is not None or self.dge_routing is not None:
+            return None
+        return self.dge_cfg['loss_weight'] * (self.dge_last_ratio - self.dge_cfg['budget']) ** 2
+
+    def method_stats(self) -> dict:
+        """The mean share of image queries used since the last call (then reset)."""
+        if not self.dge_ratio_count:
+            return {}
+        ratio = self.dge_ratio_sum / self.dge_ratio_count
+        self.dge_ratio_sum, self.dge_ratio_count = 0.0, 0
+        return dict(compute_ratio=ratio)
+
+
+def routing_macs(model: nn.Module, height: int, width: int, queries: Sequence[float]) -> float:
+    """MACs of one image through a DGE model whose block i used ``queries[i]`` image queries.
+
+    Counts what depends on the routing and what does not: patch embedding, per block the router, dense key/value
+    projections, query projections, attention, output projection and MLP for prefix + image queries, and the
+    head. Norms, pooling and element-wise work are left out.
+    """
+    c = model.embed_dim
+    n, p = height * width, model.num_prefix_tokens
+    kernel = model.patch_embed.proj.kernel_size
+    total = n * c * 3 * kernel[0] * kernel[1] + c * model.num_classes
+    regions = model.geometry(height, width, 'cpu').num_regions
+    for blk, m in zip(model.blocks, queries):
+        hidden = blk.mlp.fc1.out_features
+        qn = p + m
+        total += regions * c * len(model.dge_cfg['splits'])                    # router
+        total += (p + n) * c * 2 * c                                            # keys and values
+        total += qn * c * c + 2 * qn * (p + n) * c + qn * c * c + qn * 2 * c * hidden
+    return float(total)
+
+
+def apply(model: nn.Module, budget: float = 0.5, region: int = 4, splits: Sequence[int] = (4, 2, 1),
+          loss_weight: float = 1.0, init_finest_prob: float = 0.95) -> nn.Module:
+    """Turn a timm ViT into DGE in place; the routers are new parameters (``blocks.N.router``)."""
+    splits = tuple(int(s) for s in splits)
+    if any(region % s for s in splits) or len(set(splits)) != len(splits):
+        raise ValueError(f'dge: every split must divide the region size {region} and appear once, got {splits}')
+    if not 0 < init_finest_prob < 1:
+        raise ValueError('dge: init_finest_prob must be in (0, 1)')
+    ref = model.pos_embed if model.pos_embed is not None else model.cls_token
+    for blk in model.blocks:
+        check_attention(blk.attn)
+        if blk.attn.gate is not None:
+            raise ValueError('dge: gated attention is not supported')
+        swap_class(blk, DGEBlock)
+        blk.router = nn.Linear(model.embed_dim, len(splits)).to(device=ref.device, dtype=ref.dtype)
+        nn.init.zeros_(blk.router.weight)
+        others = (1 - init_finest_prob) / max(len(splits) - 1, 1)
+        with torch.no_grad():
+            blk.router.bias.copy_(torch.tensor([math.log(init_finest_prob if s == max(splits) else others)
+                                                for s in splits]))
+    swap_class(model, DGEVisionTransformer)
+    model.dge_cfg = dict(budget=budget, region=int(region), splits=list(splits), loss_weight=loss_weight,
+                         init_finest_prob=init_finest_prob)
+    model.dge_force, model.dge_routing, model.dge_path = None, None, 'auto'
+    model.dge_geometry, model.dge_last_ratio = {}, None
+    model.dge_ratio_sum, model.dge_ratio_count = 0.0, 0
+    model.configure(budget=budget, loss_weight=loss_weight)
+    return model
+
+
+def add_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument('--dge-budget', type=float, default=0.5, help='DGE: target share of image queries')
+    group.add_argument('--dge-region', type=int, default=4, help='DGE: region side in tokens')
+    group.add_argument('--dge-splits', type=int, nargs='+', default=[4, 2, 1], help='DGE: queries per region side')
+    group.add_argument('--dge-loss-weight', type=float, default=1.0, help='DGE: weight of the budget loss')
+
+
+def cfg_from_args(args: argparse.Namespace) -> dict:
+    return dict(budget=args.dge_budget, region=args.dge_region, splits=args.dge_splits,
+                loss_weight=args.dge_loss_weight)

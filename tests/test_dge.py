@@ -1,0 +1,97 @@
+"""DGE: dense at the finest grain on any grid, packed = masked, MACs from the routing, the budget is learned."""
+import pytest
+import torch
+
+from conftest import TINY
+from models import build_model
+from models.dge import routing_macs
+from utils.profiling import count_macs
+
+
+def tiny(img_size, method='dge', cfg=None, **kw):
+    return build_model('vit_tiny_patch16_224', method, cfg, num_classes=3, **{**TINY, 'img_size': img_size, **kw})
+
+
+@pytest.mark.parametrize('img_size', [64, 56], ids=['grid-8x8', 'grid-7x7-uneven'])
+def test_finest_grain_is_the_dense_model(img_size):
+    dense = tiny(img_size, 'none').eval()
+    model = tiny(img_size).eval()
+    missing, _ = model.load_state_dict(dense.state_dict(), strict=False)
+    assert missing and all('.router.' in k for k in missing)  # pretrained weights load, routers are new
+    model.configure(force_split='finest')
+    x = torch.randn(2, 3, img_size, img_size)
+    with torch.no_grad():
+        assert (model(x) - dense(x)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize('img_size', [64, 56])
+def test_packed_and_masked_paths_agree_on_a_random_routing(img_size):
+    model = tiny(img_size, reg_tokens=1).eval()
+    regions = model.geometry(img_size // 8, img_size // 8, 'cpu').num_regions
+    routing = torch.randint(0, 3, (len(model.blocks), 3, regions))
+    model.configure(routing=routing)
+    x = torch.randn(3, 3, img_size, img_size)
+    with torch.no_grad():
+        model.configure(path='masked')
+        masked = model(x)
+        model.configure(path='packed')
+        packed = model(x)
+    assert (masked - packed).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize('force, share', [('finest', 1.0), (2, 0.25), ('coarsest', 1 / 16)])
+def test_forced_grain_uses_the_expected_queries_and_macs(force, share):
+    model = tiny(64).eval()
+    model.configure(force_split=force)
+    image = torch.randn(1, 3, 64, 64)
+    measured, _ = count_macs(model, image)
+    assert model.method_stats()['compute_ratio'] == pytest.approx(share)
+    predicted = routing_macs(model, 8, 8, [share * 64] * len(model.blocks))
+    assert abs(measured - predicted) / predicted < 0.05
+
+
+def test_macs_fall_with_the_grain_on_deit_small_at_256():
+    model = build_model('deit_small_patch16_224', 'dge', num_classes=10, img_size=256).eval()
+    image = torch.randn(1, 3, 256, 256)
+    model.configure(force_split='finest')
+    finest, _ = count_macs(model, image)
+    model.configure(force_split='coarsest')
+    coarsest, _ = count_macs(model, image)
+    dense, _ = count_macs(build_model('deit_small_patch16_224', num_classes=10, img_size=256), image)
+    assert abs(finest / dense - 1) < 0.03
+    assert coarsest / dense < 0.45  # keys/values stay dense; every other part falls 16x
+    assert abs(routing_macs(model, 16, 16, [16] * 12) - coarsest) / coarsest < 0.05
+
+
+def test_budget_loss_pulls_the_computation_to_the_budget():
+    torch.manual_seed(0)
+    model = tiny(64, cfg=dict(budget=0.5, loss_weight=5.0)).train()
+    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if 'router' in n], lr=0.05)
+    x = torch.randn(8, 3, 64, 64)
+    for _ in range(40):
+        model(x)
+        loss = model.extra_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.method_stats()  # reset the running mean
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert abs(model.method_stats()['compute_ratio'] - 0.5) < 0.1
+
+
+def test_state_dict_round_trip_keeps_the_routers():
+    model = tiny(64)
+    with torch.no_grad():
+        model.blocks[0].router.bias.add_(1.0)
+    copy = tiny(64)
+    copy.load_state_dict(model.state_dict())
+    assert torch.equal(copy.blocks[0].router.bias, model.blocks[0].router.bias)
+
+
+def test_bad_settings_are_clear():
+    with pytest.raises(ValueError, match='divide the region'):
+        tiny(64, cfg=dict(splits=(4, 3, 1)))
+    with pytest.raises(ValueError, match='force_split'):
+        tiny(64).configure(force_split=3)

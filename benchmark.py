@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         run(args)
-    except UserError as err:
+    except (UserError, ValueError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
     return 0

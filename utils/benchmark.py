@@ -69,7 +69,7 @@ class ModelSource:
     """Builds each method's model once (random weights, or a checkpoint's) and applies run-time changes."""
 
     def __init__(self, cfg: BenchConfig, checkpoint: Optional[dict] = None):
-        self.cfg, self.checkpoint, self.cache = cfg, checkpoint, {}
+        self.cfg, self.checkpoint, self.cache, self.initial = cfg, checkpoint, {}, {}
 
     def _build(self, method: str, changes: dict):
         if self.checkpoint is not None:
@@ -79,15 +79,16 @@ class ModelSource:
                            img_size=self.cfg.img_size, **self.cfg.model_kwargs)
 
     def get(self, method: str, changes: dict):
-        model = self.cache.get(method)
-        if model is not None and changes:
+        """The method's model with its default settings and ``changes`` (other rows' changes undone)."""
+        if method not in self.cache:
+            self.cache[method] = self._build(method, {})
+            self.initial[method] = method_cfg(self.cache[method])
+        model = self.cache[method]
+        if method != 'none':
             try:
-                model.configure(**changes)
-            except ValueError:  # a build-time setting: rebuild below
-                model = None
-        if model is None:
-            model = self._build(method, changes)
-            self.cache[method] = model
+                model.configure(**{**self.initial[method], **changes})
+            except ValueError:  # a build-time setting: a model of its own
+                model = self._build(method, changes)
         return model.to(self.cfg.device)
 
 
@@ -112,7 +113,8 @@ def run_rows(settings: List[Setting], source: ModelSource, cfg: BenchConfig, mac
     rows = []
     for method, changes in settings:
         model = source.get(method, changes)
-        row = dict(method=method, settings=', '.join(f'{k}={v}' for k, v in method_cfg(model).items()) or 'dense')
+        shown = {**method_cfg(model), **changes}  # run-time controls (e.g. a forced grain) are shown too
+        row = dict(method=method, settings=', '.join(f'{k}={v}' for k, v in shown.items()) or 'dense')
         row.update(measure_row(model, cfg, mac_images))
         if evaluate is not None:
             row.update(evaluate(model))

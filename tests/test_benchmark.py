@@ -1,0 +1,65 @@
+"""benchmark.py: a row per method and setting, ratios that move the right way, files that agree."""
+import json
+
+import pandas as pd
+import pytest
+
+import benchmark
+import predict
+import train_gpu
+from conftest import TINY_FLAGS, make_image_folder
+
+TINY_BENCH = ['--model', 'vit_tiny_patch16_224', '--img-size', '64', '--model-kwargs', 'patch_size=8', 'depth=4',
+              'embed_dim=64', 'num_heads=2', '--batch-size', '4', '--runs', '1', '--warmup', '0', '--mac-images', '1']
+
+
+def test_every_method_and_sweep_setting_gets_a_row(tmp_path):
+    out = tmp_path / 'bench'
+    assert benchmark.main([*TINY_BENCH, '--methods', 'none', 'tome', 'gtp', 'mtvit', 'toe', 'dge', '--sweep',
+                           'tome.r=2,4,6', 'gtp.num_prop=2,4,6', 'mtvit.keep_rate=0.9,0.7,0.5',
+                           'dge.force_split=4,2,1', '--output-dir', str(out)]) == 0
+    table = pd.read_csv(out / 'benchmark.csv')
+    assert list(table['method']) == ['none'] + ['tome'] * 3 + ['gtp'] * 3 + ['mtvit'] * 3 + ['dge'] * 3 + ['toe']
+    dense = table.iloc[0]
+    assert dense['mac_ratio'] == 1 and dense['speedup'] == 1
+    for method in ('tome', 'gtp', 'mtvit', 'dge'):
+        ratios = table[table['method'] == method]['mac_ratio'].tolist()
+        assert ratios == sorted(ratios, reverse=True) and ratios[-1] < 0.9, (method, ratios)
+    toe = table[table['method'] == 'toe'].iloc[0]
+    assert toe['mac_ratio'] == pytest.approx(1.0)  # ToE changes training only
+    markdown = (out / 'benchmark.md').read_text()
+    assert markdown.count('\n| ') == len(table) + 1  # header + one line per row
+    for _, row in table.iterrows():
+        assert f"| {row['method']} | {row['settings']} |" in markdown
+    assert (out / 'pareto.png').stat().st_size > 1000
+
+
+def test_training_cost_mode(tmp_path):
+    out = tmp_path / 'train'
+    assert benchmark.main([*TINY_BENCH, '--train', '--sweep', 'toe.stage=0,2', '--output-dir', str(out)]) == 0
+    table = pd.read_csv(out / 'benchmark.csv')
+    assert list(table['method']) == ['none', 'toe', 'toe'] and 'training' in (out / 'benchmark.md').read_text()
+
+
+def test_accuracy_columns_match_predict(tmp_path):
+    data = make_image_folder(tmp_path / 'data', per_class=10)
+    run = tmp_path / 'run'
+    assert train_gpu.main(['--data-root', str(data), '--output-dir', str(run), '--epochs', '1', *TINY_FLAGS]) == 0
+    out = tmp_path / 'bench'
+    assert benchmark.main(['--weights', str(run / 'best.pth'), '--data-root', str(data), '--methods', 'none',
+                           '--sweep', 'tome.r=1', '--batch-size', '4', '--runs', '1', '--warmup', '0',
+                           '--mac-images', '1', '--output-dir', str(out)]) == 0
+    table = pd.read_csv(out / 'benchmark.csv')
+    for method, extra in (('none', []), ('tome', ['--method', 'tome', '--tome-r', '1'])):
+        report = tmp_path / f'report-{method}'
+        assert predict.main(['--weights', str(run / 'best.pth'), '--data-root', str(data), '--output-dir',
+                             str(report), '--workers', '0', *extra]) == 0
+        summary = json.loads((report / 'summary.json').read_text())
+        row = table[table['method'] == method].iloc[0]
+        assert row['top1'] == pytest.approx(100 * summary['accuracy'])
+        assert row['macro_f1'] == pytest.approx(100 * summary['macro_f1'])
+
+
+def test_bad_sweep_is_clear(capsys):
+    assert benchmark.main([*TINY_BENCH, '--sweep', 'tome.r']) == 2
+    assert 'METHOD.KEY=V1,V2' in capsys.readouterr().err

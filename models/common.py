@@ -33,13 +33,14 @@ def check_attention(attn: nn.Module) -> None:
             f'got {type(attn).__name__}; pick a plain ViT/DeiT model (e.g. deit_small_patch16_224)')
 
 
-def attend(attn: Attention, x: torch.Tensor, bias: Optional[torch.Tensor] = None
-           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attend(attn: Attention, x: torch.Tensor, bias: Optional[torch.Tensor] = None, explicit: bool = False,
+           reweight: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
     """timm ``Attention.forward`` with an additive float ``bias`` on the logits.
 
     x: [B, N, C]; bias: broadcastable to [B, heads, N, N] (e.g. [B, 1, 1, N] for log sizes) or None.
-    Returns (output [B, N, C], q and k [B, heads, N, head_dim], after q/k norm).
-    Uses fused ``scaled_dot_product_attention`` whenever timm's module does.
+    Returns (output [B, N, C], q and k [B, heads, N, head_dim] after q/k norm, probabilities or None).
+    Uses fused ``scaled_dot_product_attention`` whenever timm's module does, unless ``explicit``: then the
+    attention probabilities [B, heads, N, N] are computed once, returned, and (after ``reweight``) used.
     """
     B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
@@ -47,18 +48,18 @@ def attend(attn: Attention, x: torch.Tensor, bias: Optional[torch.Tensor] = None
     q, k = attn.q_norm(q), attn.k_norm(k)
     if bias is not None:
         bias = bias.to(q.dtype)
-    if attn.fused_attn:
+    probs = None
+    if attn.fused_attn and not explicit:
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.)
     else:
         logits = (q * attn.scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias
-        out = attn.attn_drop(logits.softmax(dim=-1)) @ v
+        probs = (logits if bias is None else logits + bias).softmax(dim=-1)
+        out = attn.attn_drop(reweight(probs) if reweight is not None else probs) @ v
     out = attn.norm(out.transpose(1, 2).reshape(B, N, attn.attn_dim))
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out)), q, k
+    return attn.proj_drop(attn.proj(out)), q, k, probs
 
 
 def mlp_residual(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +70,7 @@ def mlp_residual(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def attn_residual(block: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The first half of a timm block through ``attend``; returns (x, q, k)."""
-    out, q, k = attend(block.attn, block.norm1(x), bias)
+    out, q, k, _ = attend(block.attn, block.norm1(x), bias)
     return x + block.drop_path1(block.ls1(out)), q, k
 
 

@@ -193,8 +193,8 @@ class DGEVisionTransformer:
             used.append(n)
         ratio = torch.stack(used, dim=1) / (x.shape[1] - prefix)        # [B, blocks] image-query share
         self.dge_last_ratio = ratio.mean() if self.training else None
-        self.dge_ratio_sum += ratio.detach().mean(dim=1).sum().item()
-        self.dge_ratio_count += ratio.shape[0]
+        self.dge_ratio_sum += float(ratio.detach().mean(dim=1).sum())
+        self.dge_ratio_count += int(ratio.shape[0])
         return head(self, x)
 
     def extra_loss(self) -> Optional[torch.Tensor]:

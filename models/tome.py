@@ -131,7 +131,7 @@ class ToMeVisionTransformer:
         protected = self.num_prefix_tokens
         for blk, r in zip(self.blocks, per_block_r(self.tome_r, len(self.blocks))):
             x, size, source = maybe_checkpoint(self, blk, x, size, r, self.tome_prop_attn, protected, source)
-        self.tome_tokens_out = x.shape[1]
+        self.tome_tokens_out = int(x.shape[1])
         self.tome_source = source  # [B, tokens, prefix + patches] when tracked (token maps), else None
         return head(self, x, size)
 

@@ -29,6 +29,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--token-maps', action='store_true', help='draw what the method did to the tokens')
+    p.add_argument('--n-visualization', type=int, default=16, help='images in the token maps')
     p.add_argument('--method', choices=METHODS, help="override the checkpoint's method (e.g. tome on a dense model)")
     add_method_args(p)
     return p
@@ -74,6 +76,11 @@ def run_labelled(args, method, cfg, device) -> None:
     out = Path(args.output_dir) if args.output_dir else default_output(args.weights, Path(args.data_root).name)
     summary = write_report(args.weights, scan.samples, scan.classes, out, device, args.batch_size, args.workers,
                            method, cfg, scan.skipped)
+    if args.token_maps:
+        from utils.report import add_plot
+        picked = scan.samples[::max(1, len(scan.samples) // args.n_visualization)][:args.n_visualization]
+        draw_token_maps(args, method, cfg, device, [p for p, _ in picked], out)
+        add_plot(out, 'Token maps', 'token_maps.png')
     table = pd.read_csv(out / 'per_class_report.csv', index_col=0)
     print(table.to_string(float_format=lambda v: f'{v:.4f}'))
     print(f"accuracy {summary['accuracy'] * 100:.2f}% on {summary['images']} images "
@@ -104,7 +111,16 @@ def run_images(args, method, cfg, device) -> None:
     out.mkdir(parents=True, exist_ok=True)
     predictions_table(result.probs, result.targets, result.paths, names).drop(columns=['true']).to_csv(
         out / 'predictions.csv', index=False)
+    if args.token_maps:
+        draw_token_maps(args, method, cfg, device, result.paths[:args.n_visualization], out)
     print(f"{len(result.paths)} images classified, {len(bad) + len(result.failed)} skipped; {out / 'predictions.csv'}")
+
+
+def draw_token_maps(args, method, cfg, device, files, out: Path) -> None:
+    from utils.checkpoint import load_for_inference
+    from utils.token_maps import write_token_maps
+    model, meta = load_for_inference(args.weights, device, method, cfg)
+    print(f"token maps: {write_token_maps(model, files, meta['data_config'], out, args.n_visualization)}")
 
 
 def main(argv=None) -> int:

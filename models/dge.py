@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .provenance import record
 from .common import check_attention, embed, head, maybe_checkpoint, swap_class
 
 PATHS = ('auto', 'masked', 'packed')
@@ -37,6 +38,7 @@ PATHS = ('auto', 'masked', 'packed')
 class Geometry:
     """Index maps of one token grid: for each split, the cell of every token and the region of every cell."""
     num_regions: int
+    region_of_token: torch.Tensor       # [N] region of each image token
     cell_of_token: List[torch.Tensor]   # per split: [N] cell index of each image token
     cell_region: List[torch.Tensor]     # per split: [cells] region of each cell
     cell_size: List[torch.Tensor]       # per split: [cells] tokens in each cell
@@ -63,7 +65,7 @@ class Geometry:
             offsets.append(start)
             start += len(used)
             queries.append(torch.bincount(owner, minlength=num_regions))
-        return Geometry(num_regions, cells, owners, sizes, offsets, torch.stack(queries).float())
+        return Geometry(num_regions, region_of, cells, owners, sizes, offsets, torch.stack(queries).float())
 
 
 def pool(x: torch.Tensor, cell: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
@@ -117,7 +119,7 @@ class DGEBlock:
             update = self._packed(candidates, x, query_gate, prefix)
         spread = sum(update[:, prefix + off + cell] for off, cell in zip(geo.offsets, geo.cell_of_token))
         used = (gates * geo.queries.T[None].to(gates.dtype)).sum(dim=(1, 2))  # image queries per image
-        return torch.cat([x[:, :prefix] + update[:, :prefix], image + spread], dim=1), used
+        return torch.cat([x[:, :prefix] + update[:, :prefix], image + spread], dim=1), used, gates.argmax(dim=-1)
 
     def _packed(self, candidates, x, query_gate, prefix: int) -> torch.Tensor:
         """Run only the chosen queries (padded to the batch's largest count) and scatter their updates back."""
@@ -186,11 +188,14 @@ class DGEVisionTransformer:
         geo = self.geometry(images.shape[-2] // p[0], images.shape[-1] // p[1], x.device)
         path = self.dge_path if self.dge_path != 'auto' else ('masked' if self.training else 'packed')
         prefix, used = self.num_prefix_tokens, []
-        routing = []
+        self.token_record = []
         for i, blk in enumerate(self.blocks):
             forced = self._forced(i, x.shape[0], geo.num_regions, x.device)
-            x, n = maybe_checkpoint(self, blk, x, geo, prefix, path, forced)
+            x, n, choice = maybe_checkpoint(self, blk, x, geo, prefix, path, forced)
             used.append(n)
+            if getattr(self, 'record_tokens', False):  # token maps: the split chosen for each patch's region
+                splits = torch.tensor(self.dge_cfg['splits'], device=x.device)
+                record(self, i, grain=splits[choice][:, geo.region_of_token])
         ratio = torch.stack(used, dim=1) / (x.shape[1] - prefix)        # [B, blocks] image-query share
         self.dge_last_ratio = ratio.mean() if self.training else None
         self.dge_ratio_sum += float(ratio.detach().mean(dim=1).sum())

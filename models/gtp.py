@@ -27,6 +27,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from .provenance import follow, initial_owner, keep_remap, record
 from .common import attend, check_attention, embed, head, maybe_checkpoint, mlp_residual, swap_class
 
 SELECTIONS = ('MixedAttnMax', 'MixedAttnMean', 'IMGAttnMax', 'CLSAttnMean')
@@ -89,7 +90,7 @@ def sparse_attention(probs: torch.Tensor, sparsity: float) -> torch.Tensor:
 class GTPBlock:
     """A timm ViT block that propagates ``num_prop`` image tokens into the rest after attention."""
 
-    def forward(self, x, scale, graph, num_prop: int, cfg: dict, prefix: int):
+    def forward(self, x, scale, graph, num_prop: int, cfg: dict, prefix: int, owner=None):
         sparsity = cfg['sparsity']
         out, _, _, probs = attend(self.attn, self.norm1(x), scale.log()[:, None, None, :, 0],
                                   explicit=num_prop > 0 or sparsity > 0,
@@ -97,9 +98,11 @@ class GTPBlock:
         x = x + self.drop_path1(self.ls1(out))
         num_prop = min(num_prop, x.shape[1] - prefix - 1)
         if num_prop > 0:
-            x, scale, graph = propagate(x, scale, graph, importance(probs, cfg['selection'], prefix),
-                                        num_prop, cfg, prefix)
-        return mlp_residual(self, x), scale, graph
+            x, scale, graph, keep = propagate(x, scale, graph, importance(probs, cfg['selection'], prefix),
+                                              num_prop, cfg, prefix)
+            if owner is not None:
+                owner = follow(owner, keep_remap(keep.shape[1] + num_prop, keep))
+        return mlp_residual(self, x), scale, graph, owner
 
 
 def propagate(x, scale, graph, rank, num_prop: int, cfg: dict, prefix: int):
@@ -119,7 +122,8 @@ def propagate(x, scale, graph, rank, num_prop: int, cfg: dict, prefix: int):
         kept = kept + cfg['alpha'] * to_kept @ take(image, gone)
         kept_scale = kept_scale + cfg['alpha'] * to_kept @ take(image_scale, gone)
     graph = rows.gather(2, keep[:, None, :].expand(-1, keep.shape[1], -1))
-    return (torch.cat([x[:, :prefix], kept], dim=1), torch.cat([scale[:, :prefix], kept_scale], dim=1), graph)
+    return (torch.cat([x[:, :prefix], kept], dim=1), torch.cat([scale[:, :prefix], kept_scale], dim=1), graph,
+            keep)
 
 
 class GTPVisionTransformer:
@@ -161,8 +165,13 @@ class GTPVisionTransformer:
         if cfg['num_prop'] > 0:
             grid = (images.shape[-2] // self.patch_embed.patch_size[0], images.shape[-1] // self.patch_embed.patch_size[1])
             graph = build_graph(x[:, prefix:], cfg['graph'], grid, cfg['num_neighbours'])
-        for blk in self.blocks:
-            x, scale, graph = maybe_checkpoint(self, blk, x, scale, graph, cfg['num_prop'], cfg, prefix)
+        self.token_record = []
+        recording = getattr(self, 'record_tokens', False)
+        owner = initial_owner(x.shape[0], x.shape[1] - prefix, x.device) if recording else None
+        for i, blk in enumerate(self.blocks):
+            x, scale, graph, owner = maybe_checkpoint(self, blk, x, scale, graph, cfg['num_prop'], cfg, prefix, owner)
+            if recording:
+                record(self, i, owner=owner, removed=owner < 0)
         self.gtp_tokens_out = int(x.shape[1])
         return head(self, x, scale)
 

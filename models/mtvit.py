@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from .provenance import follow, initial_owner, keep_remap, record
 from .common import attn_residual, check_attention, embed, head, maybe_checkpoint, mlp_residual, swap_class
 
 FUSIONS = ('merge', 'fuse')
@@ -45,7 +46,10 @@ def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float, prefix: int,
 
 
 def keep_and_merge(x, size, attention, keep: int, prefix: int, fusion: str):
-    """Keep the ``keep`` most attended image tokens; merge or fuse the rest (attention-weighted)."""
+    """Keep the ``keep`` most attended image tokens; merge or fuse the rest (attention-weighted).
+
+    Returns (x, size, remap): remap [B, old image tokens] is each old token's new index (provenance).
+    """
     image, image_size = x[:, prefix:], size[:, prefix:]
     order = attention.argsort(dim=-1, descending=True)
     kept_idx = order[:, :keep].sort(dim=-1).values
@@ -62,6 +66,7 @@ def keep_and_merge(x, size, attention, keep: int, prefix: int, fusion: str):
         fused = (w_gone * gone).sum(1, keepdim=True) / w_gone.sum(1, keepdim=True)
         kept = torch.cat([kept, fused], dim=1)
         kept_size = torch.cat([kept_size, gone_size.sum(1, keepdim=True)], dim=1)
+        target = torch.full_like(gone_idx, keep)[..., None]  # every dropped token went into the fused one
     else:
         unit_kept = kept / kept.norm(dim=-1, keepdim=True)
         unit_gone = gone / gone.norm(dim=-1, keepdim=True)
@@ -70,20 +75,27 @@ def keep_and_merge(x, size, attention, keep: int, prefix: int, fusion: str):
         merged = (w_kept * kept).scatter_add(1, target.expand(-1, -1, kept.shape[-1]), w_gone * gone)
         kept = merged / weight_sum
         kept_size = kept_size.scatter_add(1, target, gone_size)
-    return torch.cat([x[:, :prefix], kept], dim=1), torch.cat([size[:, :prefix], kept_size], dim=1)
+    remap = keep_remap(image.shape[1], kept_idx, gone_idx, target[..., 0])
+    return torch.cat([x[:, :prefix], kept], dim=1), torch.cat([size[:, :prefix], kept_size], dim=1), remap
 
 
 class PruneBlock:
     """A timm ViT block that keeps the most attended image tokens after attention."""
 
-    def forward(self, x, size, keep_rate: float, fusion: str, prefix: int, has_cls: bool):
+    def forward(self, x, size, keep_rate: float, fusion: str, prefix: int, has_cls: bool, owner=None):
         x, q, k = attn_residual(self, x)
         n_image = x.shape[1] - prefix
         keep = min(n_image, math.ceil(keep_rate * n_image))
+        removed = None
         if keep < n_image:
             attention = class_attention(q, k, self.attn.scale, prefix, has_cls)
-            x, size = keep_and_merge(x, size, attention, keep, prefix, fusion)
-        return mlp_residual(self, x), size
+            x, size, remap = keep_and_merge(x, size, attention, keep, prefix, fusion)
+            if owner is not None:
+                kept_as_itself = torch.zeros_like(remap, dtype=torch.bool).scatter_(
+                    1, attention.argsort(dim=-1, descending=True)[:, :keep], True)
+                removed = ~kept_as_itself.gather(1, owner.clamp(min=0))
+                owner = follow(owner, remap)
+        return mlp_residual(self, x), size, owner, removed
 
 
 class ScaleFusion(nn.Module):
@@ -178,11 +190,19 @@ class MTViTVisionTransformer:
             x = maybe_checkpoint(self, self._fuse_scales, x, images)
         size = x.new_ones(x.shape[0], x.shape[1], 1)
         keep_rate = self.keep_rate_in_force()
+        self.token_record = []
+        recording = getattr(self, 'record_tokens', False)
+        owner = initial_owner(x.shape[0], x.shape[1] - prefix, x.device) if recording else None
+        gone = torch.zeros_like(owner, dtype=torch.bool) if recording else None
         for i, blk in enumerate(self.blocks):
             if i < first:
                 continue
             if i in cfg['prune_blocks']:
-                x, size = maybe_checkpoint(self, blk, x, size, keep_rate, cfg['fusion'], prefix, has_cls)
+                x, size, owner, removed = maybe_checkpoint(self, blk, x, size, keep_rate, cfg['fusion'], prefix,
+                                                           has_cls, owner)
+                if recording:  # patches dropped here or earlier; owner says which kept token holds them
+                    gone = gone | removed if removed is not None else gone
+                    record(self, i, owner=owner, removed=gone)
             else:
                 x = maybe_checkpoint(self, blk, x)
         return head(self, x, size)

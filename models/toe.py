@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .provenance import keep_remap, record
 from .common import check_attention, embed, head, maybe_checkpoint, swap_class
 
 
@@ -48,11 +49,15 @@ def select_tokens(tokens: torch.Tensor, keep: int, init_keep_rate: float, subste
 
 def shrink(x: torch.Tensor, size: torch.Tensor, keep_rate: float, init_keep_rate: float, substeps: int,
            prefix: int):
-    """Keep ToE's selection of image tokens; merge each left-out token (mean) into its most similar kept one."""
+    """Keep ToE's selection of image tokens; merge each left-out token (mean) into its most similar kept one.
+
+    Returns (x, size, remap, kept): remap [B, old image tokens] is each old token's new index, kept [B, keep] the
+    indices of the tokens kept as themselves (provenance, for token maps).
+    """
     image, n = x[:, prefix:], x.shape[1] - prefix
     keep = max(1, round(keep_rate * n))
     if keep >= n:
-        return x, size
+        return x, size, None, None
     kept_idx = select_tokens(image.detach(), keep, init_keep_rate, substeps)
     left = torch.ones(x.shape[0], n, dtype=torch.bool, device=x.device).scatter(1, kept_idx, False)
     left_idx = left.nonzero()[:, 1].view(x.shape[0], n - keep)
@@ -65,13 +70,15 @@ def shrink(x: torch.Tensor, size: torch.Tensor, keep_rate: float, init_keep_rate
     count = torch.ones_like(kept[..., :1]).scatter_add(1, target, torch.ones_like(others[..., :1]))
     kept = kept.scatter_add(1, target.expand(-1, -1, kept.shape[-1]), others) / count
     kept_size = take(size[:, prefix:], kept_idx).scatter_add(1, target, take(size[:, prefix:], left_idx))
-    return torch.cat([x[:, :prefix], kept], 1), torch.cat([size[:, :prefix], kept_size], 1)
+    remap = keep_remap(n, kept_idx, left_idx, target[..., 0])
+    return torch.cat([x[:, :prefix], kept], 1), torch.cat([size[:, :prefix], kept_size], 1), remap, kept_idx
 
 
 class ToEVisionTransformer:
     """A timm VisionTransformer that trains on an expanding subset of its tokens (plain ViT in evaluation)."""
 
     method_name = 'toe'
+    token_maps_in_training = True  # its selector only acts in training
 
     @property
     def method_cfg(self) -> dict:
@@ -117,11 +124,16 @@ class ToEVisionTransformer:
         x = embed(self, images)
         size = x.new_ones(x.shape[0], x.shape[1], 1)
         keep_rate = self.keep_rate_in_force()
+        self.token_record = []
         for i, blk in enumerate(self.blocks):
             x = maybe_checkpoint(self, blk, x)
             if i == 0 and keep_rate < 1:
-                x, size = shrink(x, size, keep_rate, self.toe_cfg['init_keep_rate'], self.toe_cfg['substeps'],
-                                 self.num_prefix_tokens)
+                n = x.shape[1] - self.num_prefix_tokens
+                x, size, remap, kept = shrink(x, size, keep_rate, self.toe_cfg['init_keep_rate'],
+                                              self.toe_cfg['substeps'], self.num_prefix_tokens)
+                if getattr(self, 'record_tokens', False) and remap is not None:
+                    removed = torch.ones_like(remap, dtype=torch.bool).scatter_(1, kept, False)
+                    record(self, i, owner=remap, removed=removed)
         return head(self, x, size if keep_rate < 1 else None)
 
 

@@ -19,6 +19,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from .provenance import record
 from .common import attn_residual, check_attention, embed, head, maybe_checkpoint, mlp_residual, swap_class
 
 RSetting = Union[int, Sequence[int], Tuple[int, float]]
@@ -126,11 +127,14 @@ class ToMeVisionTransformer:
         x = embed(self, images)
         size = x.new_ones(x.shape[0], x.shape[1], 1)
         source = None
-        if self.tome_track_source:
+        self.token_record = []
+        if self.tome_track_source or getattr(self, 'record_tokens', False):
             source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1)
         protected = self.num_prefix_tokens
-        for blk, r in zip(self.blocks, per_block_r(self.tome_r, len(self.blocks))):
+        for i, (blk, r) in enumerate(zip(self.blocks, per_block_r(self.tome_r, len(self.blocks)))):
             x, size, source = maybe_checkpoint(self, blk, x, size, r, self.tome_prop_attn, protected, source)
+            if getattr(self, 'record_tokens', False):  # token maps: each patch's final token, per block
+                record(self, i, owner=source[:, protected:, protected:].argmax(dim=1))
         self.tome_tokens_out = int(x.shape[1])
         self.tome_source = source  # [B, tokens, prefix + patches] when tracked (token maps), else None
         return head(self, x, size)

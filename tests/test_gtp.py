@@ -50,12 +50,13 @@ def test_propagation_moves_removed_features_to_graph_neighbours():
     graph = torch.tensor([[[0, 1, 0, 0], [1, 0, 1, 0], [0, 0.5, 0, 0.5], [0, 0, 1, 0]]])
     rank = torch.tensor([[4.0, 3.0, 0.0, 2.0]])
     cfg = dict(propagation='GraphProp', alpha=0.1)
-    out, out_scale, out_graph = propagate(x, scale, graph, rank, 1, cfg, prefix=1)
+    out, out_scale, out_graph, keep = propagate(x, scale, graph, rank, 1, cfg, prefix=1)
+    assert keep.tolist() == [[0, 1, 3]]
     assert out.shape == (1, 4, 2) and out_graph.shape == (1, 3, 3)
     # kept image tokens 0, 1, 3 in order; token 1 gets 0.1 * G[1, 2] * x2, token 3 gets 0.1 * G[3, 2] * x2
     assert torch.allclose(out[0, 1:], torch.tensor([[0, 0], [0.1, 0.2], [0.1, 0.2]]))
     assert torch.allclose(out_scale[0, 1:, 0], torch.tensor([1.0, 1.1, 1.1]))
-    dropped, _, _ = propagate(x, scale, graph, rank, 1, dict(propagation='none', alpha=0.1), prefix=1)
+    dropped, _, _, _ = propagate(x, scale, graph, rank, 1, dict(propagation='none', alpha=0.1), prefix=1)
     assert dropped.abs().sum() == 0
 
 

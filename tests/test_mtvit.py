@@ -43,7 +43,8 @@ def test_merge_folds_dropped_tokens_into_their_nearest_kept_token():
     x = torch.tensor([[[9.0, 9.0], [1.0, 0.0], [0.0, 1.0], [2.0, 0.1]]])  # prefix, then three image tokens
     size = torch.ones(1, 4, 1)
     attention = torch.tensor([[0.5, 0.3, 0.2]])
-    out, out_size = keep_and_merge(x, size, attention, keep=2, prefix=1, fusion='merge')
+    out, out_size, remap = keep_and_merge(x, size, attention, keep=2, prefix=1, fusion="merge")
+    assert remap.tolist() == [[0, 1, 0]]
     expected = (0.5 * torch.tensor([1.0, 0.0]) + 0.2 * torch.tensor([2.0, 0.1])) / 0.7
     assert torch.allclose(out[0, 1], expected) and torch.allclose(out[0, 2], torch.tensor([0.0, 1.0]))
     assert out_size.flatten().tolist() == [1, 2, 1]

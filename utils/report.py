@@ -238,3 +238,11 @@ th{{background:#f3f3f3;text-align:left}}</style></head><body>
 <p>Files: predictions.csv, per_class_report.csv, confusion_matrix*.csv, summary.json in this folder.</p>
 </body></html>"""
     (out / 'report.html').write_text(page)
+
+
+def add_plot(out: Path, title: str, name: str) -> None:
+    """Show another picture of ``out`` (e.g. token_maps.png) on the report page."""
+    summary = json.loads((out / 'summary.json').read_text())
+    summary['extra_plots'] = summary.get('extra_plots', []) + [[title, name]]
+    (out / 'summary.json').write_text(json.dumps(summary, indent=2, default=str))
+    write_html(out, summary, pd.read_csv(out / 'per_class_report.csv', index_col=0))

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from models.registry import available_methods
-from utils.benchmark import BenchConfig, ModelSource, markdown_table, parse_sweep, run_rows, write_outputs
+from utils.benchmark import (BenchConfig, ModelSource, markdown_table, parse_sweep, run_rows, stack_token_maps,
+                             write_outputs)
 from utils.config import parse_key_values
 from utils.distributed import pick_device
 from utils.errors import UserError
@@ -42,6 +43,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--train', action='store_true', help='measure training (forward + backward) instead')
     p.add_argument('--weights', help="a toolkit checkpoint: rows use its weights (and model)")
     p.add_argument('--data-root', help='labelled folder: adds top-1 and macro F1 per row (needs --weights)')
+    p.add_argument('--token-maps', metavar='IMAGE', help='also draw each row\'s token map of this image')
     p.add_argument('--output-dir', default=None, help='default: runs/benchmark-<time>')
     return p
 
@@ -84,9 +86,13 @@ def run(args) -> None:
               f"{', AMP ' + str(amp_dtype).split('.')[-1] if amp_dtype else ''}; {machine_description(device)}")
     print(header)
     mac_images = torch.randn(args.mac_images, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
-    table = run_rows(settings, ModelSource(cfg, checkpoint), cfg, mac_images, evaluate)
     out_dir = Path(args.output_dir or Path('runs') / f"benchmark-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.token_maps and not Path(args.token_maps).is_file():
+        raise UserError(f"--token-maps: '{args.token_maps}' is not an image file")
+    table = run_rows(settings, ModelSource(cfg, checkpoint), cfg, mac_images, evaluate, args.token_maps, out_dir)
     write_outputs(table, header, out_dir, 'top1' if evaluate else None)
+    if args.token_maps:
+        print(f'token maps: {stack_token_maps(out_dir)}')
     print(markdown_table(table.drop(columns=['unprofiled_ops'])))
     print(f'written: {out_dir}/benchmark.csv, benchmark.md, pareto.png')
 

@@ -58,3 +58,16 @@ def test_predict_writes_token_maps_for_every_method(tmp_path):
         assert (out / 'token_maps.png').stat().st_size > 1000
         assert len(list((out / 'token_maps').glob('*.png'))) == 3
         assert 'Token maps' in (out / 'report.html').read_text()
+
+
+def test_benchmark_draws_one_token_map_row_per_method(tmp_path):
+    import benchmark
+    from PIL import Image
+    from test_benchmark import TINY_BENCH
+    image = tmp_path / 'x.png'
+    Image.new('RGB', (64, 64), (200, 30, 30)).save(image)
+    out = tmp_path / 'bench'
+    assert benchmark.main([*TINY_BENCH, '--methods', 'none', 'tome', 'dge', '--token-maps', str(image),
+                           '--output-dir', str(out)]) == 0
+    assert len(list((out / 'token_maps').glob('*/token_maps.png'))) == 3
+    assert Image.open(out / 'token_maps.png').height > 3 * 100

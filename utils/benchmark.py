@@ -108,10 +108,11 @@ def measure_row(model, cfg: BenchConfig, mac_images: torch.Tensor) -> dict:
 
 
 def run_rows(settings: List[Setting], source: ModelSource, cfg: BenchConfig, mac_images: torch.Tensor,
-             evaluate=None) -> pd.DataFrame:
-    """One measured row per setting, with ratios against the dense first row."""
+             evaluate=None, token_image: Optional[str] = None, out_dir: Optional[Path] = None) -> pd.DataFrame:
+    """One measured row per setting, with ratios against the dense first row (and its token map of
+    ``token_image`` under ``out_dir``/token_maps/)."""
     rows = []
-    for method, changes in settings:
+    for index, (method, changes) in enumerate(settings):
         model = source.get(method, changes)
         shown = {**method_cfg(model), **changes}  # run-time controls (e.g. a forced grain) are shown too
         row = dict(method=method, settings=', '.join(f'{k}={v}' for k, v in shown.items()) or 'dense')
@@ -119,6 +120,11 @@ def run_rows(settings: List[Setting], source: ModelSource, cfg: BenchConfig, mac
         if evaluate is not None:
             row.update(evaluate(model))
         row.update({f'stat_{k}': v for k, v in method_stats(model).items()})
+        if token_image:
+            from datasets.transforms import data_config
+            from utils.token_maps import write_token_maps
+            write_token_maps(model, [token_image], data_config(model, cfg.img_size),
+                             out_dir / 'token_maps' / f'{index:02d}-{method}', 1)
         rows.append(row)
         print(f"  {method:6s} {row['settings'][:60]:60s} {row['gmacs']:.3f} GMACs {row['images_per_s']:.1f} img/s")
     table = pd.DataFrame(rows)
@@ -163,3 +169,18 @@ def write_outputs(table: pd.DataFrame, header: str, out_dir: Path, accuracy_colu
     fig.tight_layout()
     fig.savefig(out_dir / 'pareto.png', dpi=120)
     plt.close(fig)
+
+
+def stack_token_maps(out_dir: Path) -> Optional[Path]:
+    """token_maps.png: every row's token map of the same image, one under the other."""
+    from PIL import Image
+    parts = [Image.open(p).convert('RGB') for p in sorted((out_dir / 'token_maps').glob('*/token_maps.png'))]
+    if not parts:
+        return None
+    sheet = Image.new('RGB', (max(p.width for p in parts), sum(p.height for p in parts)), 'white')
+    top = 0
+    for part in parts:
+        sheet.paste(part, (0, top))
+        top += part.height
+    sheet.save(out_dir / 'token_maps.png')
+    return out_dir / 'token_maps.png'

@@ -2,20 +2,12 @@
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import TINY, tokens_per_block
 from models import build_model
 from models.gtp import build_graph, importance, propagate, spatial_graph
 from utils.profiling import count_macs
 
 
-def tokens_per_block(model, x):
-    counts = []
-    hooks = [blk.register_forward_hook(lambda m, i, o: counts.append(o[0].shape[1])) for blk in model.blocks]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    return counts
 
 
 def test_tokens_per_block_follow_num_prop():

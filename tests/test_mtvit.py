@@ -2,21 +2,12 @@
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import TINY, tokens_per_block
 from models import build_model
 from models.mtvit import keep_and_merge
 from utils.profiling import count_macs
 
 
-def tokens_per_block(model, x):
-    counts = []
-    hooks = [blk.register_forward_hook(lambda m, i, o: counts.append((o[0] if isinstance(o, tuple) else o).shape[1]))
-             for blk in model.blocks]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    return counts
 
 
 def test_tokens_follow_the_keep_rate_at_224():

@@ -213,11 +213,11 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-def _launch(launcher, data, run):
+def _launch(launcher, data, run, extra=()):
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
     cmd = [sys.executable, '-m', *launcher, '--nproc_per_node=2', f'--master_port={_free_port()}',
            str(REPO / 'train_gpu.py'), '--data-root', str(data), '--output-dir', str(run), '--epochs', '1',
-           *TINY_FLAGS]
+           *TINY_FLAGS, *extra]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -236,3 +236,15 @@ def test_two_process_cpu_run(launcher, tmp_path):
     assert ckpt['val']['val_images'] == 9
     assert len(ckpt['rng']) == 2
     assert len(read_log(run)) == 1
+
+
+@pytest.mark.parametrize('method', ['tome', 'gtp', 'mtvit', 'toe', 'dge'])
+def test_every_method_trains_under_ddp(method, tmp_path):
+    data = make_image_folder(tmp_path / 'data', per_class=10)
+    run = tmp_path / 'run'
+    flags = {'tome': ['--tome-r', '2'], 'gtp': ['--gtp-num-prop', '2'], 'mtvit': ['--keep-rate', '0.5'],
+             'toe': [], 'dge': []}[method]
+    result = _launch(['torch.distributed.run'], data, run, ['--method', method, *flags, '--epochs', '2'])
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = torch.load(run / 'last.pth', weights_only=True)
+    assert ckpt['method'] == method and ckpt['epoch'] == 1

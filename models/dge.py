@@ -137,6 +137,9 @@ class DGEVisionTransformer:
 
     method_name = 'dge'
     new_param_prefixes = tuple(f'blocks.{i}.router.' for i in range(64))
+    # the routers start far from the budget (p = 0.95 finest) and Adam moves a bias by about lr per step, so
+    # they learn at 100x the backbone's rate (no weight decay) to reach the budget within a short fine-tune
+    new_param_lr_scale = 100.0
 
     @property
     def method_cfg(self) -> dict:

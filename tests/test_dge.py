@@ -95,3 +95,21 @@ def test_bad_settings_are_clear():
         tiny(64, cfg=dict(splits=(4, 3, 1)))
     with pytest.raises(ValueError, match='force_split'):
         tiny(64).configure(force_split=3)
+
+
+def test_training_reaches_the_budget_and_resume_keeps_the_routers(tmp_path):
+    import csv
+    import train_gpu
+    from conftest import TINY_FLAGS, make_image_folder
+    data = make_image_folder(tmp_path / 'data', per_class=40)
+    run = tmp_path / 'run'
+    flags = [*TINY_FLAGS, '--img-size', '64', '--batch-size', '8', '--method', 'dge', '--dge-budget', '0.5']
+    assert train_gpu.main(['--data-root', str(data), '--output-dir', str(run), '--epochs', '4', *flags]) == 0
+    rows = list(csv.DictReader((run / 'log.csv').open()))
+    assert abs(float(rows[-1]['val_compute_ratio']) - 0.5) < 0.1  # starts at 1.0 (finest everywhere)
+    saved = torch.load(run / 'last.pth', weights_only=True)['model']
+    assert train_gpu.main(['--resume', str(run / 'last.pth'), '--epochs', '5', '--lr', '0']) == 0
+    resumed = torch.load(run / 'last.pth', weights_only=True)
+    assert resumed['epoch'] == 4
+    router = 'blocks.0.router.bias'
+    assert router in resumed['model'] and torch.allclose(resumed['model'][router], saved[router], atol=1e-3)

@@ -12,7 +12,6 @@ from typing import Optional
 import numpy as np
 import torch
 from timm.data import Mixup
-from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -28,6 +27,7 @@ from utils.checkpoint import (load_backbone_state, load_toolkit_checkpoint, make
 from utils.data import class_weights, eval_loader, train_loader
 from utils.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed
 from utils.engine import StepSettings, evaluate, train_one_epoch
+from utils.optim import build_optimizer
 from utils.errors import UserError
 
 log = logging.getLogger('train')
@@ -148,8 +148,7 @@ def _train(args, info: DistInfo) -> Path:
     val_loader = eval_loader(split.val, eval_transform(cfg), args.batch_size, args.workers, info.rank,
                              info.world_size, pin)
 
-    optimizer = create_optimizer_v2(model, opt='adamw', lr=args.lr, weight_decay=args.weight_decay,
-                                    layer_decay=args.layer_decay)
+    optimizer = build_optimizer(model, args.lr, args.weight_decay, args.layer_decay)
     updates_per_epoch = math.ceil(len(loader) / args.accum_steps)
     scheduler = create_scheduler_v2(optimizer, sched='cosine', num_epochs=args.epochs, min_lr=args.min_lr,
                                     warmup_epochs=args.warmup_epochs, warmup_lr=args.lr * 1e-3,

@@ -74,14 +74,15 @@ def pool(x: torch.Tensor, cell: torch.Tensor, size: torch.Tensor) -> torch.Tenso
     return summed / size[None, :, None].to(x.dtype)
 
 
-def sparse_query_block(block: nn.Module, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """The timm block run for ``queries`` [B, M, C] attending to all ``tokens`` [B, T, C]; returns the update."""
+def sparse_query_block(block: nn.Module, queries: torch.Tensor, normed_tokens: torch.Tensor) -> torch.Tensor:
+    """The timm block run for ``queries`` [B, M, C] attending to all tokens (given after ``norm1``, [B, T, C]);
+    returns the update (output - queries)."""
     attn = block.attn
     c = attn.attn_dim
     w, b = attn.qkv.weight, attn.qkv.bias
     q = F.linear(block.norm1(queries), w[:c], None if b is None else b[:c])
-    kv = F.linear(block.norm1(tokens), w[c:], None if b is None else b[c:])
-    bsz, m, t = queries.shape[0], queries.shape[1], tokens.shape[1]
+    kv = F.linear(normed_tokens, w[c:], None if b is None else b[c:])
+    bsz, m, t = queries.shape[0], queries.shape[1], normed_tokens.shape[1]
     q = attn.q_norm(q.view(bsz, m, attn.num_heads, attn.head_dim).transpose(1, 2))
     k, v = kv.view(bsz, t, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     k = attn.k_norm(k)
@@ -95,40 +96,41 @@ def sparse_query_block(block: nn.Module, queries: torch.Tensor, tokens: torch.Te
 class DGEBlock:
     """A timm ViT block with dynamic-grained queries; ``self.router`` picks a split per region."""
 
-    def route(self, x: torch.Tensor, geo: Geometry, prefix: int, forced: Optional[torch.Tensor]) -> torch.Tensor:
-        """One-hot gates [B, regions, splits]: Gumbel (training), argmax (inference) or ``forced`` indices."""
+    def route(self, normed: torch.Tensor, geo: Geometry, prefix: int, forced: Optional[torch.Tensor]) -> torch.Tensor:
+        """One-hot gates [B, regions, splits] from the tokens after ``norm1``: Gumbel (training), argmax
+        (inference) or ``forced`` indices."""
         if forced is not None:
-            return F.one_hot(forced, geo.queries.shape[0]).to(x.dtype)
+            return F.one_hot(forced, geo.queries.shape[0]).to(normed.dtype)
         coarsest = len(geo.cell_size) - 1
-        regions = pool(self.norm1(x[:, prefix:]), geo.cell_of_token[coarsest], geo.cell_size[coarsest])
+        regions = pool(normed[:, prefix:], geo.cell_of_token[coarsest], geo.cell_size[coarsest])
         logits = self.router(regions)
         if self.training:
-            return F.gumbel_softmax(logits.float(), tau=1.0, hard=True).to(x.dtype)
-        return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(x.dtype)
+            return F.gumbel_softmax(logits.float(), tau=1.0, hard=True).to(normed.dtype)
+        return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(normed.dtype)
 
     def forward(self, x: torch.Tensor, geo: Geometry, prefix: int, path: str, forced: Optional[torch.Tensor]):
-        image = x[:, prefix:]
-        gates = self.route(x, geo, prefix, forced)                       # [B, regions, splits]
+        image, normed = x[:, prefix:], self.norm1(x)  # keys/values and the router both read norm1(x)
+        gates = self.route(normed, geo, prefix, forced)                  # [B, regions, splits]
         pooled = torch.cat([pool(image, c, n) for c, n in zip(geo.cell_of_token, geo.cell_size)], dim=1)
         query_gate = torch.cat([gates[:, owner, s] for s, owner in enumerate(geo.cell_region)], dim=1)
         candidates = torch.cat([x[:, :prefix], pooled], dim=1)          # prefix + every cell of every split
         if path == 'masked':
-            update = sparse_query_block(self, candidates, x)
+            update = sparse_query_block(self, candidates, normed)
             update = torch.cat([update[:, :prefix], update[:, prefix:] * query_gate[..., None]], dim=1)
         else:
-            update = self._packed(candidates, x, query_gate, prefix)
+            update = self._packed(candidates, normed, query_gate, prefix)
         spread = sum(update[:, prefix + off + cell] for off, cell in zip(geo.offsets, geo.cell_of_token))
         used = (gates * geo.queries.T[None].to(gates.dtype)).sum(dim=(1, 2))  # image queries per image
         return torch.cat([x[:, :prefix] + update[:, :prefix], image + spread], dim=1), used, gates.argmax(dim=-1)
 
-    def _packed(self, candidates, x, query_gate, prefix: int) -> torch.Tensor:
+    def _packed(self, candidates, normed, query_gate, prefix: int) -> torch.Tensor:
         """Run only the chosen queries (padded to the batch's largest count) and scatter their updates back."""
         chosen = torch.cat([query_gate.new_ones(query_gate.shape[0], prefix), query_gate], dim=1) > 0.5
         count = chosen.sum(dim=1)
         order = chosen.float().argsort(dim=1, descending=True, stable=True)[:, :int(count.max())]
         picked = candidates.gather(1, order[..., None].expand(-1, -1, candidates.shape[-1]))
-        update = sparse_query_block(self, picked, x)
-        valid = (torch.arange(order.shape[1], device=x.device)[None] < count[:, None])[..., None]
+        update = sparse_query_block(self, picked, normed)
+        valid = (torch.arange(order.shape[1], device=normed.device)[None] < count[:, None])[..., None]
         return torch.zeros_like(candidates).scatter_add(1, order[..., None].expand_as(update), update * valid)
 
 

@@ -96,8 +96,9 @@ def build_model(name: str, method: str = 'none', method_cfg: Optional[dict] = No
     except RuntimeError as err:
         if ckpt is None:
             raise
-        raise UserError(f"weights in '{pretrained}' do not fit model '{name}': "
-                        f"{str(err).splitlines()[1:3] or err}; pass the --model these weights were made for") from None
+        detail = ' '.join(line.strip() for line in str(err).splitlines()[1:3]) or str(err)
+        raise UserError(f"weights in '{pretrained}' do not fit model '{name}': {detail[:400]}; "
+                        f"pass the --model these weights were made for") from None
     except (KeyError, AssertionError) as err:  # timm's filters raise these on foreign state dicts
         if ckpt is None:
             raise

@@ -1,0 +1,43 @@
+"""Local pretrained weights in the formats people download: DeiT {'model': ...} .pth and timm .safetensors."""
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from conftest import TINY
+from models import build_model
+
+KW = {k: v for k, v in TINY.items() if k != 'img_size'}
+
+
+@pytest.fixture
+def source():
+    torch.manual_seed(0)
+    return timm.create_model('vit_tiny_patch16_224', num_classes=1000, img_size=32, **KW)
+
+
+@pytest.mark.parametrize('fmt', ['deit_pth', 'safetensors', 'plain_pth'])
+def test_downloaded_formats_load_with_new_head_and_resized_position_embedding(fmt, source, tmp_path):
+    state = source.state_dict()
+    path = tmp_path / ('w.safetensors' if fmt == 'safetensors' else 'w.pth')
+    if fmt == 'safetensors':
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save({'model': state} if fmt == 'deit_pth' else state, path)
+    model = build_model('vit_tiny_patch16_224', 'tome', dict(r=2), num_classes=3, img_size=48, pretrained=str(path),
+                        **KW)
+    assert torch.equal(model.blocks[2].mlp.fc1.weight, state['blocks.2.mlp.fc1.weight'])
+    assert model.head.weight.shape == (3, 64)                    # a new head for 3 classes
+    assert model.pos_embed.shape == (1, 1 + 36, 64)              # 4 x 4 grid resampled to 6 x 6
+    assert model(torch.randn(1, 3, 48, 48)).shape == (1, 3)
+
+
+def test_toolkit_checkpoint_as_pretrained_keeps_its_head(tmp_path, source):
+    from datasets.transforms import data_config
+    from utils.checkpoint import make_checkpoint, save_atomic
+    trained = build_model('vit_tiny_patch16_224', num_classes=3, **TINY)
+    meta = dict(model_name='vit_tiny_patch16_224', model_kwargs=KW, method='none', method_cfg={}, num_classes=3,
+                class_names=['a', 'b', 'c'], data_config=data_config(trained, 32))
+    save_atomic(make_checkpoint(meta, trained.state_dict()), tmp_path / 'best.pth')
+    model = build_model('vit_tiny_patch16_224', num_classes=3, pretrained=str(tmp_path / 'best.pth'), **TINY)
+    assert torch.equal(model.head.weight, trained.head.weight)

@@ -3,7 +3,7 @@
 ``owner`` [B, patches] holds, for every image patch of the input, the index (among the current image tokens) of
 the token that now carries it, or -1 once it is gone. A method that reduces tokens describes each step as a
 ``remap`` [B, old image tokens] (new index, or -1) and ``follow`` applies it. Methods record what they did per
-block into ``model.token_record`` (a list of dicts: block, owner, removed, grain) when ``model.record_tokens``.
+block into ``model.token_record`` (a list of dicts: block, owner, removed, grain, seed) when ``model.record_tokens``.
 """
 from typing import Optional
 
@@ -30,10 +30,10 @@ def follow(owner: torch.Tensor, remap: torch.Tensor) -> torch.Tensor:
 
 
 def record(model, block: int, owner: Optional[torch.Tensor] = None, removed: Optional[torch.Tensor] = None,
-           grain: Optional[torch.Tensor] = None) -> None:
+           grain: Optional[torch.Tensor] = None, seed: Optional[torch.Tensor] = None) -> None:
     """Append one block's provenance to ``model.token_record`` (detached, on the CPU)."""
     entry = dict(block=block)
-    for name, value in (('owner', owner), ('removed', removed), ('grain', grain)):
+    for name, value in (('owner', owner), ('removed', removed), ('grain', grain), ('seed', seed)):
         if value is not None:
             entry[name] = value.detach().cpu()
     model.token_record.append(entry)

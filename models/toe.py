@@ -26,15 +26,22 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a / a.norm(dim=-1, keepdim=True)) @ (b / b.norm(dim=-1, keepdim=True)).transpose(-1, -2)
 
 
+def seed_indices(n: int, keep: int, init_keep_rate: float, device) -> torch.Tensor:
+    """The ``init_keep_rate`` share of the n image tokens (at most ``keep``) seeded at a uniform stride."""
+    seeds = min(keep, max(1, round(init_keep_rate * n)))
+    return torch.linspace(0, n - 1, seeds, device=device).round().long()
+
+
 def select_tokens(tokens: torch.Tensor, keep: int, init_keep_rate: float, substeps: int) -> torch.Tensor:
     """Indices [B, keep] (sorted) of the image tokens [B, N, C] that ToE's selector keeps.
 
     Seeds at a uniform stride, then ``substeps`` rounds that add the tokens least similar to the kept set.
     """
     b, n, _ = tokens.shape
-    seeds = min(keep, max(1, round(init_keep_rate * n)))
+    seed_idx = seed_indices(n, keep, init_keep_rate, tokens.device)
+    seeds = len(seed_idx)
     chosen = torch.zeros(b, n, dtype=torch.bool, device=tokens.device)
-    chosen[:, torch.linspace(0, n - 1, seeds, device=tokens.device).round().long()] = True
+    chosen[:, seed_idx] = True
     similarity = cosine(tokens, tokens)
     for step in range(substeps):
         target = seeds + math.ceil((keep - seeds) * (step + 1) / substeps)
@@ -128,12 +135,14 @@ class ToEVisionTransformer:
         for i, blk in enumerate(self.blocks):
             x = maybe_checkpoint(self, blk, x)
             if i == 0 and keep_rate < 1:
-                n = x.shape[1] - self.num_prefix_tokens
                 x, size, remap, kept = shrink(x, size, keep_rate, self.toe_cfg['init_keep_rate'],
                                               self.toe_cfg['substeps'], self.num_prefix_tokens)
                 if getattr(self, 'record_tokens', False) and remap is not None:
                     removed = torch.ones_like(remap, dtype=torch.bool).scatter_(1, kept, False)
-                    record(self, i, owner=remap, removed=removed)
+                    seed = torch.zeros_like(removed)
+                    seed[:, seed_indices(seed.shape[1], kept.shape[1], self.toe_cfg['init_keep_rate'],
+                                         seed.device)] = True
+                    record(self, i, owner=remap, removed=removed, seed=seed)
         return head(self, x, size if keep_rate < 1 else None)
 
 

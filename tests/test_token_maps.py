@@ -29,6 +29,17 @@ def test_mtvit_keep_half_at_one_block_masks_half_the_patches():
     assert len(records[0]['owner'][0].unique()) == 32  # merged patches belong to kept tokens
 
 
+def test_toe_map_tells_seeds_from_expansions():
+    model = build_model('vit_tiny_patch16_224', 'toe', dict(keep_rate=[0.5], steps=[0], init_keep_rate=0.25),
+                        num_classes=3, **SIXTY_FOUR)
+    model.update_schedule(0, 10)
+    entry = record_tokens(model, torch.randn(2, 3, 64, 64))[0]
+    kept = ~entry['removed']
+    assert kept.sum(dim=1).tolist() == [32, 32] and entry['seed'].sum(dim=1).tolist() == [16, 16]
+    assert (kept | ~entry['seed']).all()  # every seed is kept; the other kept tokens are expansions
+    assert model.training  # recording in training mode leaves the mode as it was
+
+
 def test_dge_forced_coarse_grain_is_one_block_per_region():
     model = build_model('vit_tiny_patch16_224', 'dge', num_classes=3, **SIXTY_FOUR).eval()
     model.configure(force_split='coarsest')

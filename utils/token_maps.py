@@ -3,7 +3,8 @@
 Methods record their provenance per block (``models.provenance``) when ``record_tokens`` is set, so it costs
 nothing otherwise. Owner maps (ToMe, GTP, MTViT, ToE) paint each group of patches that one token stands for in
 the group's mean colour with borders between groups; patches removed (GTP) or dropped (MTViT, ToE) are dimmed,
-tinted with the colour of the token that took them in, if any. Grain maps (DGE) lay green / yellow / red over
+tinted with the colour of the token that took them in, if any; ToE's seed tokens carry a cyan dot, so the
+tokens kept without one are its expansions. Grain maps (DGE) lay green / yellow / red over
 the regions that got fine / medium / coarse queries. A dense model gets a note that no token is reduced.
 """
 from pathlib import Path
@@ -21,6 +22,7 @@ from datasets.transforms import eval_transform  # noqa: E402
 from models.registry import method_name, unwrap  # noqa: E402
 
 GRAIN_COLOURS = np.array([[0.1, 0.8, 0.2], [1.0, 0.85, 0.1], [0.9, 0.15, 0.1]])  # fine, medium, coarse
+SEED_COLOUR = np.array([0.0, 0.9, 1.0])
 
 
 @torch.no_grad()
@@ -38,8 +40,8 @@ def record_tokens(model, images: torch.Tensor) -> List[dict]:
         model.train(was_training)
 
 
-def owner_map(image: np.ndarray, owner: np.ndarray, removed: np.ndarray, grid) -> np.ndarray:
-    """Paint patch groups in their mean colour with borders; dim removed patches."""
+def owner_map(image: np.ndarray, owner: np.ndarray, removed: np.ndarray, grid, seed=None) -> np.ndarray:
+    """Paint patch groups in their mean colour with borders; dim removed patches; dot the ``seed`` patches."""
     h, w = grid
     ph, pw = image.shape[0] // h, image.shape[1] // w
     patches = image[:h * ph, :w * pw].reshape(h, ph, w, pw, 3).transpose(0, 2, 1, 3, 4).reshape(h * w, ph * pw, 3)
@@ -55,6 +57,10 @@ def owner_map(image: np.ndarray, owner: np.ndarray, removed: np.ndarray, grid) -
     edges[1:] |= labels[1:] != labels[:-1]
     edges[:, 1:] |= labels[:, 1:] != labels[:, :-1]
     out[edges] = 1.0
+    if seed is not None:
+        dots = np.zeros((h, ph, w, pw), dtype=bool)
+        dots[:, ph // 3: ph - ph // 3, :, pw // 3: pw - pw // 3] = True
+        out[(dots & seed.reshape(h, 1, w, 1)).reshape(h * ph, w * pw)] = SEED_COLOUR
     return out
 
 
@@ -75,7 +81,8 @@ def describe(entry: dict, patches: int) -> str:
     owner, removed = entry['owner'], entry.get('removed')
     tokens = len(np.unique(owner[owner >= 0]))
     gone = int(removed.sum()) if removed is not None else 0
-    return f"block {entry['block'] + 1}: {tokens} tokens" + (f', {gone} patches dropped' if gone else '')
+    seeds = f" ({int(entry['seed'].sum())} seeds)" if 'seed' in entry else ''
+    return f"block {entry['block'] + 1}: {tokens} tokens{seeds}" + (f', {gone} patches dropped' if gone else '')
 
 
 def pick(records: List[dict], count: int = 3) -> List[dict]:
@@ -106,7 +113,8 @@ def write_token_maps(model, files: Sequence[str], data_config: dict, out_dir, n:
         for entry in records:
             view = {k: v[row].numpy() if torch.is_tensor(v) else v for k, v in entry.items()}
             picture = grain_map(shown[row], view['grain'], splits, grid) if 'grain' in view else owner_map(
-                shown[row], view['owner'], view.get('removed', np.zeros_like(view['owner'], dtype=bool)), grid)
+                shown[row], view['owner'], view.get('removed', np.zeros_like(view['owner'], dtype=bool)), grid,
+                view.get('seed'))
             panels.append((picture, describe(view, grid[0] * grid[1])))
         if not records:
             panels.append((np.ones_like(shown[row]), f'{method_name(model)}: no token is reduced'))
@@ -123,6 +131,8 @@ def write_token_maps(model, files: Sequence[str], data_config: dict, out_dir, n:
         single.savefig(out_dir / 'token_maps' / f'{row:03d}_{Path(path).stem}.png', dpi=100)
         plt.close(single)
     legend = ' (green: fine, yellow: medium, red: coarse queries)' if splits else ''
+    if records and 'seed' in records[0]:
+        legend = ' (cyan dot: seed token; kept without a dot: expanded; dimmed: merged away)'
     fig.suptitle(f'Token maps: {method_name(model)} {unwrap(model).method_cfg if records else ""}{legend}', fontsize=9)
     fig.tight_layout()
     fig.savefig(out_dir / 'token_maps.png', dpi=100)

@@ -16,8 +16,9 @@ Grids that do not divide into regions (224 px at patch 16: 14 x 14) are handled 
 row/column of regions is smaller, a cell is pooled over the tokens it really holds, and cells holding none do not
 exist, so nothing padded enters keys, values or outputs. Two execution paths give the same numbers: ``masked``
 (training: every split's queries are computed and the router's one-hot gates pick per region, which is simple to
-differentiate) and ``packed`` (inference: only the chosen queries are gathered, so the work falls with the
-budget). ``routing_macs`` gives the MACs of a forward from the routing it took.
+differentiate) and ``packed`` (inference: only the splits in use are pooled, and the chosen queries of the whole
+batch are packed into one [queries, C] tensor for the projections and the MLP, padded per image only inside
+attention, so the work falls with the routing actually taken). ``routing_macs`` gives the MACs of a forward from the routing it took.
 """
 import argparse
 import math
@@ -42,7 +43,6 @@ class Geometry:
     cell_of_token: List[torch.Tensor]   # per split: [N] cell index of each image token
     cell_region: List[torch.Tensor]     # per split: [cells] region of each cell
     cell_size: List[torch.Tensor]       # per split: [cells] tokens in each cell
-    offsets: List[int]                  # per split: where its cells start in the concatenation of all splits
     queries: torch.Tensor               # [splits, regions] number of queries each region gets at each split
 
     @staticmethod
@@ -52,7 +52,7 @@ class Geometry:
         regions_w = math.ceil(width / region)
         region_of = (rows // region) * regions_w + cols // region
         num_regions = math.ceil(height / region) * regions_w
-        cells, owners, sizes, offsets, queries, start = [], [], [], [], [], 0
+        cells, owners, sizes, queries = [], [], [], []
         for s in splits:
             side = region // s
             cells_w = math.ceil(width / side)
@@ -62,35 +62,51 @@ class Geometry:
             cells.append(cell)
             owners.append(owner)
             sizes.append(torch.bincount(cell, minlength=len(used)))
-            offsets.append(start)
-            start += len(used)
             queries.append(torch.bincount(owner, minlength=num_regions))
-        return Geometry(num_regions, region_of, cells, owners, sizes, offsets, torch.stack(queries).float())
+        return Geometry(num_regions, region_of, cells, owners, sizes, torch.stack(queries).float())
 
 
 def pool(x: torch.Tensor, cell: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
     """Mean of the image tokens x [B, N, C] over each cell -> [B, cells, C]."""
+    if len(size) == x.shape[1]:  # one token per cell (the finest split): the cells are the tokens, in order
+        return x
     summed = x.new_zeros(x.shape[0], len(size), x.shape[-1]).index_add_(1, cell, x)
     return summed / size[None, :, None].to(x.dtype)
 
 
-def sparse_query_block(block: nn.Module, queries: torch.Tensor, normed_tokens: torch.Tensor) -> torch.Tensor:
-    """The timm block run for ``queries`` [B, M, C] attending to all tokens (given after ``norm1``, [B, T, C]);
-    returns the update (output - queries)."""
+def sparse_query_block(block: nn.Module, queries: torch.Tensor, normed_tokens: torch.Tensor,
+                       layout: Optional[tuple] = None) -> torch.Tensor:
+    """The timm block run for ``queries`` attending to all tokens (given after ``norm1``, [B, T, C]); returns the
+    update (output - queries).
+
+    ``queries`` is [B, M, C], or, with ``layout = (image, slot, M)``, the queries of the whole batch packed as
+    [Q, C]: query i belongs to image ``image[i]``, where it takes attention slot ``slot[i]`` of M. Projections and
+    the MLP then run on exactly the Q queries; only attention pads each image's queries to M.
+    """
     attn = block.attn
     c = attn.attn_dim
     w, b = attn.qkv.weight, attn.qkv.bias
     q = F.linear(block.norm1(queries), w[:c], None if b is None else b[:c])
     kv = F.linear(normed_tokens, w[c:], None if b is None else b[c:])
-    bsz, m, t = queries.shape[0], queries.shape[1], normed_tokens.shape[1]
+    bsz, t = normed_tokens.shape[0], normed_tokens.shape[1]
+    if layout is not None:
+        image, slot, m = layout
+        q = q.new_zeros(bsz, m, c).index_put_((image, slot), q)
+    m = q.shape[1]
     q = attn.q_norm(q.view(bsz, m, attn.num_heads, attn.head_dim).transpose(1, 2))
     k, v = kv.view(bsz, t, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     k = attn.k_norm(k)
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.)
-    out = attn.proj_drop(attn.proj(attn.norm(out.transpose(1, 2).reshape(bsz, m, c))))
-    y = queries + block.drop_path1(block.ls1(out))
-    y = y + block.drop_path2(block.ls2(block.mlp(block.norm2(y))))
-    return y - queries
+    out = out.transpose(1, 2).reshape(bsz, m, c)
+    if layout is not None:
+        out = out[image, slot]
+    update = block.drop_path1(block.ls1(attn.proj_drop(attn.proj(attn.norm(out)))))
+    return update + block.drop_path2(block.ls2(block.mlp(block.norm2(queries + update))))
+
+
+def spread_cells(update: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+    """Each cell's update [B, cells, C] copied to the tokens it holds -> [B, N, C]."""
+    return update if update.shape[1] == len(cell) else update[:, cell]
 
 
 class DGEBlock:
@@ -111,27 +127,35 @@ class DGEBlock:
     def forward(self, x: torch.Tensor, geo: Geometry, prefix: int, path: str, forced: Optional[torch.Tensor]):
         image, normed = x[:, prefix:], self.norm1(x)  # keys/values and the router both read norm1(x)
         gates = self.route(normed, geo, prefix, forced)                  # [B, regions, splits]
-        pooled = torch.cat([pool(image, c, n) for c, n in zip(geo.cell_of_token, geo.cell_size)], dim=1)
-        query_gate = torch.cat([gates[:, owner, s] for s, owner in enumerate(geo.cell_region)], dim=1)
-        candidates = torch.cat([x[:, :prefix], pooled], dim=1)          # prefix + every cell of every split
+        # the masked path needs every split for the routers' gradient; the packed one only the splits in use
+        splits = range(gates.shape[-1]) if path == 'masked' else gates.amax(dim=(0, 1)).nonzero()[:, 0].tolist()
+        pooled = [pool(image, geo.cell_of_token[s], geo.cell_size[s]) for s in splits]
+        query_gate = torch.cat([gates[:, geo.cell_region[s], s] for s in splits], dim=1)
+        # prefix + every cell of those splits (just x when only the finest split, one token per cell, is in use)
+        candidates = x if len(pooled) == 1 and pooled[0] is image else torch.cat([x[:, :prefix], *pooled], dim=1)
         if path == 'masked':
             update = sparse_query_block(self, candidates, normed)
             update = torch.cat([update[:, :prefix], update[:, prefix:] * query_gate[..., None]], dim=1)
         else:
             update = self._packed(candidates, normed, query_gate, prefix)
-        spread = sum(update[:, prefix + off + cell] for off, cell in zip(geo.offsets, geo.cell_of_token))
         used = (gates * geo.queries.T[None].to(gates.dtype)).sum(dim=(1, 2))  # image queries per image
+        if candidates is x:  # one query per token: the update is already in the tokens' places
+            return x + update, used, gates.argmax(dim=-1)
+        starts = [prefix + sum(cells.shape[1] for cells in pooled[:i]) for i in range(len(pooled))]
+        spread = sum(spread_cells(update[:, start:start + cells.shape[1]], geo.cell_of_token[s])  # to every token
+                     for s, start, cells in zip(splits, starts, pooled))                          # of each cell
         return torch.cat([x[:, :prefix] + update[:, :prefix], image + spread], dim=1), used, gates.argmax(dim=-1)
 
     def _packed(self, candidates, normed, query_gate, prefix: int) -> torch.Tensor:
-        """Run only the chosen queries (padded to the batch's largest count) and scatter their updates back."""
+        """Run only the chosen queries of the whole batch, packed, and put their updates back in place."""
         chosen = torch.cat([query_gate.new_ones(query_gate.shape[0], prefix), query_gate], dim=1) > 0.5
-        count = chosen.sum(dim=1)
-        order = chosen.float().argsort(dim=1, descending=True, stable=True)[:, :int(count.max())]
-        picked = candidates.gather(1, order[..., None].expand(-1, -1, candidates.shape[-1]))
-        update = sparse_query_block(self, picked, normed)
-        valid = (torch.arange(order.shape[1], device=normed.device)[None] < count[:, None])[..., None]
-        return torch.zeros_like(candidates).scatter_add(1, order[..., None].expand_as(update), update * valid)
+        if bool(chosen.all()):  # every candidate is a query: nothing to pack
+            return sparse_query_block(self, candidates, normed)
+        image, index = chosen.nonzero(as_tuple=True)
+        slot = chosen.cumsum(dim=1)[image, index] - 1
+        layout = (image, slot, int(chosen.sum(dim=1).max()))
+        update = sparse_query_block(self, candidates[image, index], normed, layout)
+        return torch.zeros_like(candidates).index_put_((image, index), update)
 
 
 class DGEVisionTransformer:
@@ -192,6 +216,9 @@ class DGEVisionTransformer:
         p = self.patch_embed.patch_size
         geo = self.geometry(images.shape[-2] // p[0], images.shape[-1] // p[1], x.device)
         path = self.dge_path if self.dge_path != 'auto' else ('masked' if self.training else 'packed')
+        if path == 'packed' and self.training and torch.is_grad_enabled():
+            raise ValueError("dge: the packed path is for inference (it gives the routers no gradient and would drop "
+                             "paths per query); train with path 'auto' or 'masked'")
         prefix, used = self.num_prefix_tokens, []
         self.token_record = []
         for i, blk in enumerate(self.blocks):

@@ -29,6 +29,8 @@ def test_packed_and_masked_paths_agree_on_a_random_routing(img_size):
     model = tiny(img_size, reg_tokens=1).eval()
     regions = model.geometry(img_size // 8, img_size // 8, 'cpu').num_regions
     routing = torch.randint(0, 3, (len(model.blocks), 3, regions))
+    routing[1] = 0                     # one block all finest: one query per token
+    routing[2] = routing[2] % 2 * 2    # one block with only the finest and coarsest splits in use
     model.configure(routing=routing)
     x = torch.randn(3, 3, img_size, img_size)
     with torch.no_grad():
@@ -37,6 +39,13 @@ def test_packed_and_masked_paths_agree_on_a_random_routing(img_size):
         model.configure(path='packed')
         packed = model(x)
     assert (masked - packed).abs().max() <= 1e-5
+
+
+def test_packed_path_refuses_to_train():
+    model = tiny(64).train()
+    model.configure(path='packed')
+    with pytest.raises(ValueError, match='packed path is for inference'):
+        model(torch.randn(2, 3, 64, 64))
 
 
 @pytest.mark.parametrize('force, share', [('finest', 1.0), (2, 0.25), ('coarsest', 1 / 16)])

@@ -58,7 +58,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: Callable, sett
     bar = tqdm(loader, desc=f'epoch {epoch}', disable=not settings.show_progress, leave=False, dynamic_ncols=True)
     optimizer.zero_grad(set_to_none=True)
     for step, batch in enumerate(bar):
-        if batch is None:  # every file of this batch failed to decode (already warned)
+        # a batch whose files all failed to decode (already warned) is skipped by every process together,
+        # so that no process waits alone in a collective
+        if all_reduce_sum([float(batch is None)], settings.device).item() > 0:
             continue
         images, targets = _to_device(batch[0], batch[1], settings)
         if mixup is not None:

@@ -18,7 +18,8 @@ exist, so nothing padded enters keys, values or outputs. Two execution paths giv
 (training: every split's queries are computed and the router's one-hot gates pick per region, which is simple to
 differentiate) and ``packed`` (inference: only the splits in use are pooled, and the chosen queries of the whole
 batch are packed into one [queries, C] tensor for the projections and the MLP, padded per image only inside
-attention, so the work falls with the routing actually taken). ``routing_macs`` gives the MACs of a forward from the routing it took.
+attention, so the work falls with the routing actually taken). ``routing_macs`` gives the MACs of a forward
+from the routing it took.
 """
 import argparse
 import math
@@ -125,37 +126,49 @@ class DGEBlock:
         return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(normed.dtype)
 
     def forward(self, x: torch.Tensor, geo: Geometry, prefix: int, path: str, forced: Optional[torch.Tensor]):
-        image, normed = x[:, prefix:], self.norm1(x)  # keys/values and the router both read norm1(x)
+        normed = self.norm1(x)  # keys/values and the router both read norm1(x)
         gates = self.route(normed, geo, prefix, forced)                  # [B, regions, splits]
-        # the masked path needs every split for the routers' gradient; the packed one only the splits in use
-        splits = range(gates.shape[-1]) if path == 'masked' else gates.amax(dim=(0, 1)).nonzero()[:, 0].tolist()
-        pooled = [pool(image, geo.cell_of_token[s], geo.cell_size[s]) for s in splits]
-        query_gate = torch.cat([gates[:, geo.cell_region[s], s] for s in splits], dim=1)
-        # prefix + every cell of those splits (just x when only the finest split, one token per cell, is in use)
-        candidates = x if len(pooled) == 1 and pooled[0] is image else torch.cat([x[:, :prefix], *pooled], dim=1)
-        if path == 'masked':
-            update = sparse_query_block(self, candidates, normed)
-            update = torch.cat([update[:, :prefix], update[:, prefix:] * query_gate[..., None]], dim=1)
-        else:
-            update = self._packed(candidates, normed, query_gate, prefix)
         used = (gates * geo.queries.T[None].to(gates.dtype)).sum(dim=(1, 2))  # image queries per image
-        if candidates is x:  # one query per token: the update is already in the tokens' places
-            return x + update, used, gates.argmax(dim=-1)
-        starts = [prefix + sum(cells.shape[1] for cells in pooled[:i]) for i in range(len(pooled))]
-        spread = sum(spread_cells(update[:, start:start + cells.shape[1]], geo.cell_of_token[s])  # to every token
-                     for s, start, cells in zip(splits, starts, pooled))                          # of each cell
-        return torch.cat([x[:, :prefix] + update[:, :prefix], image + spread], dim=1), used, gates.argmax(dim=-1)
+        run = self._masked if path == 'masked' else self._packed
+        return run(x, normed, gates, geo, prefix), used, gates.argmax(dim=-1)
 
-    def _packed(self, candidates, normed, query_gate, prefix: int) -> torch.Tensor:
-        """Run only the chosen queries of the whole batch, packed, and put their updates back in place."""
-        chosen = torch.cat([query_gate.new_ones(query_gate.shape[0], prefix), query_gate], dim=1) > 0.5
-        if bool(chosen.all()):  # every candidate is a query: nothing to pack
-            return sparse_query_block(self, candidates, normed)
-        image, index = chosen.nonzero(as_tuple=True)
-        slot = chosen.cumsum(dim=1)[image, index] - 1
-        layout = (image, slot, int(chosen.sum(dim=1).max()))
-        update = sparse_query_block(self, candidates[image, index], normed, layout)
-        return torch.zeros_like(candidates).index_put_((image, index), update)
+    def _masked(self, x, normed, gates, geo: Geometry, prefix: int) -> torch.Tensor:
+        """Every cell of every split is a query; the gates keep the chosen ones (and carry the routers' gradient)."""
+        image = x[:, prefix:]
+        pooled = [pool(image, cell, size) for cell, size in zip(geo.cell_of_token, geo.cell_size)]
+        update = sparse_query_block(self, torch.cat([x[:, :prefix], *pooled], dim=1), normed)
+        spread, start = 0, prefix
+        for s, (cell, cells) in enumerate(zip(geo.cell_of_token, pooled)):  # each cell's gated update to its tokens
+            gated = update[:, start:start + cells.shape[1]] * gates[:, geo.cell_region[s], s, None]
+            spread = spread + spread_cells(gated, cell)
+            start += cells.shape[1]
+        return torch.cat([x[:, :prefix] + update[:, :prefix], image + spread], dim=1)
+
+    def _packed(self, x, normed, gates, geo: Geometry, prefix: int) -> torch.Tensor:
+        """Only the chosen queries of the whole batch, packed into one [queries, C] tensor: prefix tokens first,
+        then the chosen cells split by split; each token then takes the update of the query that covers it."""
+        bsz, image = x.shape[0], x[:, prefix:]
+        splits = gates.amax(dim=(0, 1)).nonzero()[:, 0].tolist()        # the splits some region uses
+        if len(splits) == 1 and len(geo.cell_size[splits[0]]) == image.shape[1]:  # one query per token
+            return x + sparse_query_block(self, x, normed)
+        rows = torch.arange(bsz, device=x.device)
+        queries, owners, slots = [x[:, :prefix].reshape(-1, x.shape[-1])], [rows.repeat_interleave(prefix)], \
+            [torch.arange(prefix, device=x.device).repeat(bsz)]
+        token_row = torch.zeros_like(geo.region_of_token).expand(bsz, -1)
+        start, taken = bsz * prefix, torch.full((bsz,), prefix, device=x.device)
+        for s in splits:
+            chosen = gates[:, geo.cell_region[s], s] > 0.5               # [B, cells] the cells that are queries
+            queries.append(pool(image, geo.cell_of_token[s], geo.cell_size[s])[chosen])
+            owner, cell = chosen.nonzero(as_tuple=True)
+            owners.append(owner)
+            slots.append(taken[owner] + chosen.cumsum(dim=1)[owner, cell] - 1)
+            row = torch.full(chosen.shape, -1, device=x.device).index_put_((owner, cell), start + torch.arange(
+                len(owner), device=x.device))
+            token_row = torch.maximum(token_row, row[:, geo.cell_of_token[s]])  # each token: its query's row
+            start, taken = start + len(owner), taken + chosen.sum(dim=1)
+        layout = (torch.cat(owners), torch.cat(slots), int(taken.max()))
+        update = sparse_query_block(self, torch.cat(queries), normed, layout)
+        return torch.cat([x[:, :prefix] + update[:bsz * prefix].view(bsz, prefix, -1), image + update[token_row]], 1)
 
 
 class DGEVisionTransformer:

@@ -151,9 +151,9 @@ class DGEBlock:
         splits = gates.amax(dim=(0, 1)).nonzero()[:, 0].tolist()        # the splits some region uses
         if len(splits) == 1 and len(geo.cell_size[splits[0]]) == image.shape[1]:  # one query per token
             return x + sparse_query_block(self, x, normed)
-        rows = torch.arange(bsz, device=x.device)
-        queries, owners, slots = [x[:, :prefix].reshape(-1, x.shape[-1])], [rows.repeat_interleave(prefix)], \
-            [torch.arange(prefix, device=x.device).repeat(bsz)]
+        queries = [x[:, :prefix].reshape(-1, x.shape[-1])]              # the prefix tokens, image by image
+        owners = [torch.arange(bsz, device=x.device).repeat_interleave(prefix)]
+        slots = [torch.arange(prefix, device=x.device).repeat(bsz)]
         token_row = torch.zeros_like(geo.region_of_token).expand(bsz, -1)
         start, taken = bsz * prefix, torch.full((bsz,), prefix, device=x.device)
         for s in splits:
@@ -162,8 +162,8 @@ class DGEBlock:
             owner, cell = chosen.nonzero(as_tuple=True)
             owners.append(owner)
             slots.append(taken[owner] + chosen.cumsum(dim=1)[owner, cell] - 1)
-            row = torch.full(chosen.shape, -1, device=x.device).index_put_((owner, cell), start + torch.arange(
-                len(owner), device=x.device))
+            row = torch.full(chosen.shape, -1, device=x.device)
+            row[owner, cell] = start + torch.arange(len(owner), device=x.device)  # the cell's row among the queries
             token_row = torch.maximum(token_row, row[:, geo.cell_of_token[s]])  # each token: its query's row
             start, taken = start + len(owner), taken + chosen.sum(dim=1)
         layout = (torch.cat(owners), torch.cat(slots), int(taken.max()))

@@ -9,6 +9,7 @@ Every default lives in ``get_args_parser``; a YAML ``--config`` file can set any
 on the command line win. The training itself is ``utils.trainer.train``.
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -30,7 +31,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                        'val/; default: the built-in demo dataset (made once under data/demo)')
     g.add_argument('--nb-classes', type=int, help='expected number of classes (a check; the folders decide)')
     g.add_argument('--val-split', type=float, default=0.2, help='validation fraction when there is no val/')
-    g.add_argument('--workers', type=int, default=4, help='data-loading processes per GPU/process')
+    g.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1),
+                   help='data-loading processes per GPU/process (default: 4, at most the CPU count)')
     g.add_argument('--class-balance', choices=('none', 'weights', 'sampler'), default='none',
                    help='for skewed class counts: weight the loss, or sample classes equally')
     g = p.add_argument_group('model')

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from models.registry import available_methods
-from utils.benchmark import (BenchConfig, ModelSource, markdown_table, parse_sweep, run_rows, stack_token_maps,
-                             write_outputs)
+from utils.benchmark import (BenchConfig, ModelSource, input_images, markdown_table, parse_sweep, run_rows,
+                             stack_token_maps, write_outputs)
 from utils.config import parse_key_values
 from utils.distributed import pick_device
 from utils.errors import UserError
@@ -85,11 +85,11 @@ def run(args) -> None:
               f"{'training (forward + backward)' if args.train else 'inference'}"
               f"{', AMP ' + str(amp_dtype).split('.')[-1] if amp_dtype else ''}; {machine_description(device)}")
     print(header)
-    mac_images = torch.randn(args.mac_images, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    images = input_images(cfg, args.data_root, checkpoint['data_config'] if args.data_root else None)
     out_dir = Path(args.output_dir or Path('runs') / f"benchmark-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.token_maps and not Path(args.token_maps).is_file():
         raise UserError(f"--token-maps: '{args.token_maps}' is not an image file")
-    table = run_rows(settings, ModelSource(cfg, checkpoint), cfg, mac_images, evaluate, args.token_maps, out_dir)
+    table = run_rows(settings, ModelSource(cfg, checkpoint), cfg, images, evaluate, args.token_maps, out_dir)
     write_outputs(table, header, out_dir, 'top1' if evaluate else None)
     if args.token_maps:
         print(f'token maps: {stack_token_maps(out_dir)}')

@@ -63,3 +63,18 @@ def test_accuracy_columns_match_predict(tmp_path):
 def test_bad_sweep_is_clear(capsys):
     assert benchmark.main([*TINY_BENCH, '--sweep', 'tome.r']) == 2
     assert 'METHOD.KEY=V1,V2' in capsys.readouterr().err
+
+
+def test_with_data_rows_are_measured_on_the_data_images(tmp_path):
+    from datasets.images import load_rgb
+    from datasets.transforms import eval_transform
+    from utils.benchmark import BenchConfig, input_images
+    data = make_image_folder(tmp_path / 'data', per_class=3)
+    cfg = BenchConfig('vit_tiny_patch16_224', 32, batch_size=8, mac_images=2)
+    data_config = dict(input_size=(3, 32, 32), interpolation='bicubic', mean=(0.5,) * 3, std=(0.5,) * 3,
+                       crop_pct=1.0, crop_mode='center')
+    images = input_images(cfg, data, data_config)
+    first = sorted(p for p in data.rglob('*.png'))[0]
+    assert images.shape == (8, 3, 32, 32)
+    assert (images[0] - eval_transform(data_config)(load_rgb(first))).abs().max() == 0
+    assert input_images(cfg).shape == (8, 3, 32, 32)  # random images without data

@@ -92,11 +92,28 @@ class ModelSource:
         return model.to(self.cfg.device)
 
 
-def measure_row(model, cfg: BenchConfig, mac_images: torch.Tensor) -> dict:
-    """Parameters, GMACs, images/s at the batch size, batch-1 latency, peak memory of one model."""
+def input_images(cfg: BenchConfig, data_root=None, data_config: Optional[dict] = None) -> torch.Tensor:
+    """The images every row is measured on: random ones, or, with a labelled ``data_root``, images of it spread
+    over its files (so that input-dependent methods such as DGE route as they do on the user's data)."""
+    count = max(cfg.batch_size, cfg.mac_images)
+    if data_root is None:
+        return torch.randn(count, 3, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(0))
+    from datasets.folder import scan_classes
+    from datasets.images import load_rgb
+    from datasets.transforms import eval_transform
+    from utils.report import resolve_labelled_root
+    samples = scan_classes(resolve_labelled_root(data_root)).samples
+    picked = [samples[round(i * (len(samples) - 1) / max(count - 1, 1))][0] for i in range(min(count, len(samples)))]
+    transform = eval_transform(data_config)
+    return torch.stack([transform(load_rgb(path)) for path in picked])
+
+
+def measure_row(model, cfg: BenchConfig, images: torch.Tensor) -> dict:
+    """Parameters, GMACs (over the first ``cfg.mac_images`` images), images/s at the batch size, batch-1 latency,
+    peak memory of one model."""
     device = cfg.device
-    macs, skipped = count_macs(model, mac_images.cpu().to(device))
-    batch = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, device=device)
+    macs, skipped = count_macs(model, images[:cfg.mac_images].to(device))
+    batch = images[torch.arange(cfg.batch_size) % len(images)].to(device)
     reset_peak_memory(device)
     images_per_s = time_forward(model, batch, cfg.runs, cfg.warmup, cfg.amp_dtype, cfg.train)
     memory = peak_memory_mib(device)
@@ -107,7 +124,7 @@ def measure_row(model, cfg: BenchConfig, mac_images: torch.Tensor) -> dict:
                 unprofiled_ops=' '.join(skipped))
 
 
-def run_rows(settings: List[Setting], source: ModelSource, cfg: BenchConfig, mac_images: torch.Tensor,
+def run_rows(settings: List[Setting], source: ModelSource, cfg: BenchConfig, images: torch.Tensor,
              evaluate=None, token_image: Optional[str] = None, out_dir: Optional[Path] = None) -> pd.DataFrame:
     """One measured row per setting, with ratios against the dense first row (and its token map of
     ``token_image`` under ``out_dir``/token_maps/)."""
@@ -116,7 +133,7 @@ def run_rows(settings: List[Setting], source: ModelSource, cfg: BenchConfig, mac
         model = source.get(method, changes)
         shown = {**method_cfg(model), **changes}  # run-time controls (e.g. a forced grain) are shown too
         row = dict(method=method, settings=', '.join(f'{k}={v}' for k, v in shown.items()) or 'dense')
-        row.update(measure_row(model, cfg, mac_images))
+        row.update(measure_row(model, cfg, images))
         if evaluate is not None:
             row.update(evaluate(model))
         row.update({f'stat_{k}': v for k, v in method_stats(model).items()})

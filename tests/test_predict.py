@@ -64,6 +64,8 @@ def test_labelled_report_agrees_with_predictions_and_sklearn(run, tmp_path):
         assert np.isclose(table.loc[c, 'roc_auc'], roc_auc_score(y == i, probs[:, i]))
     summary = json.loads((out / 'summary.json').read_text())
     assert np.isclose(summary['macro_auc'], roc_auc_score(y, probs, multi_class='ovr'))
+    assert np.isclose(table.loc['macro avg', 'roc_auc'], summary['macro_auc'])
+    assert np.isclose(table.loc['weighted avg', 'roc_auc'], roc_auc_score(y, probs, multi_class='ovr', average='weighted'))
     assert np.isclose(summary['accuracy'], (preds['true'] == preds['predicted']).mean())
     assert summary['skipped_files'] == 1 and 'broken.png' in (out / 'report.html').read_text()
     assert '<img src="data:image/png;base64,' in (out / 'report.html').read_text()

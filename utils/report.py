@@ -178,6 +178,11 @@ def write_labelled_report(probs: np.ndarray, targets: np.ndarray, paths: Sequenc
     per_class = pd.DataFrame({k: v for k, v in report.items() if isinstance(v, dict)}).T
     per_class['roc_auc'] = per_class.index.map({names[c]: v for c, v in roc.items()})
     per_class['average_precision'] = per_class.index.map({names[c]: v for c, v in ap.items()})
+    for column, scores in (('roc_auc', roc), ('average_precision', ap)):  # their macro and weighted averages
+        if scores:
+            support = [int((targets == c).sum()) for c in scores]
+            per_class.loc['macro avg', column] = np.mean(list(scores.values()))
+            per_class.loc['weighted avg', column] = np.average(list(scores.values()), weights=support)
     accuracy = float((predicted == targets).mean())
     per_class.loc['accuracy'] = [np.nan, np.nan, accuracy, len(targets), np.nan, np.nan]
     per_class['support'] = per_class['support'].astype(int)
@@ -186,7 +191,7 @@ def write_labelled_report(probs: np.ndarray, targets: np.ndarray, paths: Sequenc
 
     k = min(5, len(names))
     # one-vs-rest AUC averaged over the classes present (sklearn's 'ovr' macro when all are present)
-    macro_auc = float(np.mean(list(roc.values()))) if roc else None
+    macro_auc = float(per_class.loc['macro avg', 'roc_auc']) if roc else None
     mistakes = plot_mistakes(table, out / 'misclassified.png')
     with warnings.catch_warnings():  # k = number of classes is allowed (and trivially 100 %)
         warnings.simplefilter('ignore')

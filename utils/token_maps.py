@@ -7,6 +7,7 @@ tinted with the colour of the token that took them in, if any; ToE's seed tokens
 tokens kept without one are its expansions. Grain maps (DGE) lay green / yellow / red over
 the regions that got fine / medium / coarse queries. A dense model gets a note that no token is reduced.
 """
+import textwrap
 from pathlib import Path
 from typing import List, Sequence
 
@@ -82,7 +83,7 @@ def describe(entry: dict, patches: int) -> str:
     tokens = len(np.unique(owner[owner >= 0]))
     gone = int(removed.sum()) if removed is not None else 0
     seeds = f" ({int(entry['seed'].sum())} seeds)" if 'seed' in entry else ''
-    return f"block {entry['block'] + 1}: {tokens} tokens{seeds}" + (f', {gone} patches dropped' if gone else '')
+    return f"block {entry['block'] + 1}: {tokens} tokens{seeds}" + (f', {gone} patches removed' if gone else '')
 
 
 def pick(records: List[dict], count: int = 3) -> List[dict]:
@@ -133,7 +134,8 @@ def write_token_maps(model, files: Sequence[str], data_config: dict, out_dir, n:
     legend = ' (green: fine, yellow: medium, red: coarse queries)' if splits else ''
     if records and 'seed' in records[0]:
         legend = ' (cyan dot: seed token; kept without a dot: expanded; dimmed: merged away)'
-    fig.suptitle(f'Token maps: {method_name(model)} {unwrap(model).method_cfg if records else ""}{legend}', fontsize=9)
+    title = f'Token maps: {method_name(model)} {unwrap(model).method_cfg if records else ""}{legend}'
+    fig.suptitle(textwrap.fill(title, width=int(12 * 2.6 * columns)), fontsize=9)  # ~12 characters per inch
     fig.tight_layout()
     fig.savefig(out_dir / 'token_maps.png', dpi=100)
     plt.close(fig)

@@ -168,7 +168,8 @@ class DGEBlock:
             start, taken = start + len(owner), taken + chosen.sum(dim=1)
         layout = (torch.cat(owners), torch.cat(slots), int(taken.max()))
         update = sparse_query_block(self, torch.cat(queries), normed, layout)
-        return torch.cat([x[:, :prefix] + update[:bsz * prefix].view(bsz, prefix, -1), image + update[token_row]], 1)
+        prefix_update = update[:bsz * prefix].view(bsz, prefix, x.shape[-1])
+        return torch.cat([x[:, :prefix] + prefix_update, image + update[token_row]], dim=1)
 
 
 class DGEVisionTransformer:

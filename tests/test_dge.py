@@ -24,9 +24,11 @@ def test_finest_grain_is_the_dense_model(img_size):
         assert (model(x) - dense(x)).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize('img_size', [64, 56])
-def test_packed_and_masked_paths_agree_on_a_random_routing(img_size):
-    model = tiny(img_size, reg_tokens=1).eval()
+@pytest.mark.parametrize('img_size, kw', [(64, dict(reg_tokens=1)), (56, dict(reg_tokens=1)),
+                                          (64, dict(class_token=False, global_pool='avg'))],
+                         ids=['grid-8x8', 'grid-7x7-uneven', 'no-prefix-tokens'])
+def test_packed_and_masked_paths_agree_on_a_random_routing(img_size, kw):
+    model = tiny(img_size, **kw).eval()
     regions = model.geometry(img_size // 8, img_size // 8, 'cpu').num_regions
     routing = torch.randint(0, 3, (len(model.blocks), 3, regions))
     routing[1] = 0                     # one block all finest: one query per token

@@ -62,6 +62,13 @@ def all_reduce_sum(values, device) -> torch.Tensor:
     return t
 
 
+def any_process(flag: bool, device) -> bool:
+    """Whether ``flag`` holds on any process (just ``flag`` in a single process: no tensor, no sync)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    return all_reduce_sum([float(flag)], device).item() > 0
+
+
 def broadcast_object(obj, src: int = 0):
     """``obj`` from process ``src`` on every process."""
     if not (dist.is_available() and dist.is_initialized()):

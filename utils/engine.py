@@ -14,7 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from models.registry import extra_loss, method_stats, unwrap, update_schedule
-from utils.distributed import all_reduce_sum
+from utils.distributed import all_reduce_sum, any_process
 from utils.errors import UserError
 
 
@@ -60,7 +60,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: Callable, sett
     for step, batch in enumerate(bar):
         # a batch whose files all failed to decode (already warned) is skipped by every process together,
         # so that no process waits alone in a collective
-        if all_reduce_sum([float(batch is None)], settings.device).item() > 0:
+        if any_process(batch is None, settings.device):
             continue
         images, targets = _to_device(batch[0], batch[1], settings)
         if mixup is not None:
@@ -74,7 +74,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: Callable, sett
                 added = extra_loss(model)
                 if added is not None:
                     loss = loss + added
-            if all_reduce_sum([float(not torch.isfinite(loss).item())], settings.device).item() > 0:
+            if any_process(not torch.isfinite(loss).item(), settings.device):
                 raise NonFiniteLoss(f'the loss became {loss.item()} at epoch {epoch}, step {step}; training '
                                     f'stopped and the last good checkpoint is kept. Lower --lr, set '
                                     f'--clip-grad 1.0, or use --no-amp')

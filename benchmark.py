@@ -74,9 +74,12 @@ def run(args) -> None:
         checkpoint = load_toolkit_checkpoint(args.weights)
         img_size = checkpoint['data_config']['input_size'][-1]
         num_classes, model_name = checkpoint['num_classes'], checkpoint['model_name']
+    files = None
     if args.data_root:
-        from utils.predictor import accuracy_evaluator
-        evaluate = accuracy_evaluator(checkpoint, args.data_root, device, args.batch_size)
+        from utils.predictor import accuracy_evaluator, labelled_samples
+        samples = labelled_samples(checkpoint, args.data_root)
+        evaluate = accuracy_evaluator(checkpoint, samples, device, args.batch_size)
+        files = [path for path, _ in samples]
     cfg = BenchConfig(model_name, img_size, args.batch_size, device, amp_dtype, args.runs, args.warmup,
                       args.mac_images, args.train, num_classes, parse_key_values(args.model_kwargs))
     methods = available_methods() if args.methods is None and not args.sweep else args.methods
@@ -85,7 +88,7 @@ def run(args) -> None:
               f"{'training (forward + backward)' if args.train else 'inference'}"
               f"{', AMP ' + str(amp_dtype).split('.')[-1] if amp_dtype else ''}; {machine_description(device)}")
     print(header)
-    images = input_images(cfg, args.data_root, checkpoint['data_config'] if args.data_root else None)
+    images = input_images(cfg, files, checkpoint['data_config'] if files else None)
     out_dir = Path(args.output_dir or Path('runs') / f"benchmark-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.token_maps and not Path(args.token_maps).is_file():
         raise UserError(f"--token-maps: '{args.token_maps}' is not an image file")

@@ -73,8 +73,9 @@ def test_with_data_rows_are_measured_on_the_data_images(tmp_path):
     cfg = BenchConfig('vit_tiny_patch16_224', 32, batch_size=8, mac_images=2)
     data_config = dict(input_size=(3, 32, 32), interpolation='bicubic', mean=(0.5,) * 3, std=(0.5,) * 3,
                        crop_pct=1.0, crop_mode='center')
-    images = input_images(cfg, data, data_config)
-    first = sorted(p for p in data.rglob('*.png'))[0]
+    files = sorted(str(p) for p in data.rglob('*.png'))
+    images = input_images(cfg, files, data_config)
+    first = files[0]
     assert images.shape == (8, 3, 32, 32)
     assert (images[0] - eval_transform(data_config)(load_rgb(first))).abs().max() == 0
     assert input_images(cfg).shape == (8, 3, 32, 32)  # random images without data

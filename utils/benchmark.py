@@ -7,7 +7,7 @@ way for every method; a new method joins through the registry with no change her
 import ast
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 import torch
@@ -92,18 +92,16 @@ class ModelSource:
         return model.to(self.cfg.device)
 
 
-def input_images(cfg: BenchConfig, data_root=None, data_config: Optional[dict] = None) -> torch.Tensor:
-    """The images every row is measured on: random ones, or, with a labelled ``data_root``, images of it spread
-    over its files (so that input-dependent methods such as DGE route as they do on the user's data)."""
+def input_images(cfg: BenchConfig, files: Optional[Sequence[str]] = None,
+                 data_config: Optional[dict] = None) -> torch.Tensor:
+    """The images every row is measured on: random ones, or images ``files`` spread over the list, with the
+    model's eval transform (so that input-dependent methods such as DGE route as they do on the user's data)."""
     count = max(cfg.batch_size, cfg.mac_images)
-    if data_root is None:
+    if not files:
         return torch.randn(count, 3, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(0))
-    from datasets.folder import scan_classes
     from datasets.images import load_rgb
     from datasets.transforms import eval_transform
-    from utils.report import resolve_labelled_root
-    samples = scan_classes(resolve_labelled_root(data_root)).samples
-    picked = [samples[round(i * (len(samples) - 1) / max(count - 1, 1))][0] for i in range(min(count, len(samples)))]
+    picked = [files[round(i * (len(files) - 1) / max(count - 1, 1))] for i in range(min(count, len(files)))]
     transform = eval_transform(data_config)
     return torch.stack([transform(load_rgb(path)) for path in picked])
 

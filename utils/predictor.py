@@ -92,13 +92,17 @@ def write_report(weights_path, samples, class_names, output_dir, device='cpu', b
                                  Path(output_dir), context)
 
 
-def accuracy_evaluator(checkpoint: dict, data_root, device, batch_size: int = 64):
-    """A function model -> {top1, macro_f1} on a labelled folder, as predict.py computes them (for benchmark.py)."""
-    from sklearn.metrics import f1_score
+def labelled_samples(checkpoint: dict, data_root) -> List[Tuple[str, int]]:
+    """The readable (path, checkpoint class index) samples of a labelled folder (for benchmark.py)."""
     from datasets.folder import scan_classes
     from utils.report import resolve_labelled_root
     scan = scan_classes(resolve_labelled_root(data_root))
-    samples, _ = map_to_checkpoint_classes(scan.samples, scan.classes, checkpoint['class_names'])
+    return map_to_checkpoint_classes(scan.samples, scan.classes, checkpoint['class_names'])[0]
+
+
+def accuracy_evaluator(checkpoint: dict, samples: Sequence[Tuple[str, int]], device, batch_size: int = 64):
+    """A function model -> {top1, macro_f1} on labelled ``samples``, as predict.py computes them (for benchmark.py)."""
+    from sklearn.metrics import f1_score
 
     def evaluate(model) -> dict:
         result = predict(model, samples, checkpoint['data_config'], device, batch_size, progress=False)

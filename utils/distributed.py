@@ -4,11 +4,16 @@ torchrun (and the legacy launcher with or without ``--use_env``) sets RANK, WORL
 legacy launcher without ``--use_env`` also passes ``--local-rank``, which the argument parser accepts.
 NCCL on CUDA, gloo on the CPU.
 """
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from utils.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,15 +32,25 @@ class DistInfo:
         return self.rank == 0
 
 
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> this process's GPU when there is one, else the CPU."""
+def pick_device(name: str, local_rank: int = 0, world_size: int = 1, cuda_available=None) -> torch.device:
+    """``auto`` -> this process's GPU when there is one, else the CPU.
+
+    With several processes the launcher's local rank decides the GPU: an explicit ``cuda:N`` (also one
+    restored from a resumed run's settings) would put every process on GPU N, so it gives a warning and
+    the local rank's GPU is used.
+    """
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
     if name == 'auto':
-        return torch.device('cuda', local_rank) if torch.cuda.is_available() else torch.device('cpu')
+        return torch.device('cuda', local_rank) if cuda else torch.device('cpu')
     device = torch.device(name)
     if device.type == 'cuda':
-        if not torch.cuda.is_available():
-            from utils.errors import UserError
+        if not cuda:
             raise UserError(f"--device {name} asked for, but PyTorch sees no CUDA device; use --device cpu")
+        if device.index is not None and world_size > 1 and device.index != local_rank:
+            if local_rank == 0:
+                log.warning(f'--device {name} ignored under {world_size} processes: each process uses the GPU of '
+                            f'its local rank (cuda:0, cuda:1, ...); choose GPUs with CUDA_VISIBLE_DEVICES')
+            device = torch.device('cuda', local_rank)
         if device.index is None:
             device = torch.device('cuda', local_rank)
     return device
@@ -46,7 +61,7 @@ def init_distributed(device_name: str = 'auto', local_rank=None) -> DistInfo:
     world_size = int(os.environ.get('WORLD_SIZE', 1))
     rank = int(os.environ.get('RANK', 0))
     local_rank = int(os.environ.get('LOCAL_RANK', local_rank if local_rank is not None else 0))
-    device = pick_device(device_name, local_rank)
+    device = pick_device(device_name, local_rank, world_size)
     if world_size > 1 and not dist.is_initialized():
         if device.type == 'cuda':
             torch.cuda.set_device(device)
@@ -76,6 +91,23 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def on_main_process(fn, *args):
+    """``fn(*args)`` run on process 0 only; its result, or the ``UserError`` it raised, on every process.
+
+    So the other processes neither repeat the work (a data scan) nor wait forever when process 0 fails.
+    """
+    outcome = None
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        try:
+            outcome = (fn(*args), None)
+        except UserError as err:
+            outcome = (None, err)
+    result, err = broadcast_object(outcome)
+    if err is not None:
+        raise err
+    return result
 
 
 def barrier() -> None:

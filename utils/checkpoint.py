@@ -2,7 +2,7 @@
 
 A checkpoint holds the model's weights and everything needed to rebuild and use it without other files:
 model name and timm kwargs, method and its settings, class names, the input description (size,
-interpolation, mean, std, crop), and for resuming the epoch, optimizer, scheduler, AMP scaler, EMA, best
+interpolation, mean, std, crop), and for resuming the epoch, optimizer, AMP scaler, EMA, best
 metric and RNG states. Only tensors and plain Python values are stored.
 """
 import os
@@ -22,11 +22,22 @@ META_KEYS = ('model_name', 'model_kwargs', 'method', 'method_cfg', 'num_classes'
 
 
 def save_atomic(obj: dict, path) -> None:
-    """Write to a temporary file beside ``path`` and rename it, so a crash never leaves half a file."""
+    """Write to a temporary file beside ``path``, flush it to disk, then rename it over ``path``: a crash or a
+    full disk leaves the previous file whole and no temporary file behind."""
     path = Path(path)
     tmp = path.with_name(f'.{path.name}.tmp')
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with tmp.open('wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise UserError(f"cannot write '{path}' ({err.strerror or err}); the previous file is kept; "
+                            f"free disk space or choose another --output-dir") from None
+        raise
 
 
 def rng_state() -> dict:
@@ -63,6 +74,17 @@ def load_toolkit_checkpoint(path) -> dict:
         raise UserError(f"'{path}' is not a checkpoint of this toolkit (it has keys {keys} ...): it lacks the "
                         f"model name, classes and image size. Use a best.pth/last.pth written by train_gpu.py, "
                         f"or pass this file to train_gpu.py --pretrained to fine-tune from it")
+    return ckpt
+
+
+def load_resume_checkpoint(path) -> dict:
+    """A last.pth to continue from: a toolkit checkpoint that holds the training state (best.pth does not)."""
+    ckpt = load_toolkit_checkpoint(path)
+    if 'optimizer' not in ckpt:
+        last = Path(path).with_name('last.pth')
+        raise UserError(f"'{path}' holds weights only, no optimizer state (a best.pth), so it cannot be resumed; "
+                        f"continue the run with --resume {last}, or fine-tune from these weights with "
+                        f"--pretrained {path} and a new --output-dir")
     return ckpt
 
 

@@ -47,6 +47,15 @@ def _to_device(images, targets, settings: StepSettings):
     return images, targets.to(settings.device, non_blocking=True)
 
 
+def mix(mixup, images, targets):
+    """timm's Mixup / CutMix on any batch size: an odd batch (an odd --batch-size, or a file that failed to
+    decode) gets its last image once more, as timm pairs images two by two. No batch is dropped, so every
+    process still takes the same number of steps."""
+    if len(images) % 2:
+        images, targets = torch.cat([images, images[-1:]]), torch.cat([targets, targets[-1:]])
+    return mixup(images, targets)
+
+
 def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: Callable, settings: StepSettings,
                     epoch: int, total_epochs: int, scheduler=None, mixup=None, ema=None,
                     num_updates: int = 0) -> dict:
@@ -63,8 +72,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: Callable, sett
         if any_process(batch is None, settings.device):
             continue
         images, targets = _to_device(batch[0], batch[1], settings)
+        n = images.shape[0]
         if mixup is not None:
-            images, targets = mixup(images, targets)
+            images, targets = mix(mixup, images, targets)
         update_schedule(model, epoch + step / steps, total_epochs)
         last_micro = (step + 1) % settings.accum_steps == 0 or step + 1 == steps
         sync = contextlib.nullcontext() if last_micro or not hasattr(model, 'no_sync') else model.no_sync()
@@ -99,8 +109,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: Callable, sett
                 scheduler.step_update(num_updates=num_updates)
             if ema is not None:
                 ema.update(unwrap(model), step=num_updates)
-        loss_sum += loss.item() * images.shape[0]
-        seen += images.shape[0]
+        loss_sum += loss.item() * n
+        seen += n
         if settings.show_progress:
             bar.set_postfix(loss=f'{loss.item():.4f}', lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                             img_s=f'{seen * _world_size() / (time.time() - start):.1f}')

@@ -81,17 +81,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def find_latest_checkpoint(output_dir):
-    """The newest last.pth in ``output_dir`` (or any folder under runs/)."""
+    """The newest last.pth (by modification time) in ``output_dir`` or a folder below it (default: runs/)."""
     root = Path(output_dir) if output_dir else Path(__file__).resolve().parent / 'runs'
-    found = sorted(root.glob('last.pth'), key=lambda f: f.stat().st_mtime) + \
-        sorted(root.glob('*/last.pth'), key=lambda f: f.stat().st_mtime)
-    return str(found[-1]) if found else None
+    found = [*root.glob('last.pth'), *root.glob('*/last.pth')]
+    return str(max(found, key=lambda f: f.stat().st_mtime)) if found else None
 
 
 def resume_layer(path: str, parser) -> dict:
     """The resumed run's own settings, so ``--resume X`` alone continues it as it was."""
-    from utils.checkpoint import load_toolkit_checkpoint
-    saved = load_toolkit_checkpoint(path).get('args', {})
+    from utils.checkpoint import load_resume_checkpoint
+    saved = load_resume_checkpoint(path).get('args', {})
     known = {a.dest for a in parser._actions} - {'resume', 'config', 'output_dir', 'local_rank', 'help'}
     return {k: v for k, v in saved.items() if k in known}
 
@@ -100,7 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = get_args_parser()
     first = parser.parse_args(argv)
     layers = []
-    if first.resume == 'auto':
+    auto = first.resume == 'auto'
+    if auto:
         first.resume = find_latest_checkpoint(first.output_dir)
         print(f"--resume auto: {first.resume or 'no last.pth found, starting a new run'}")
     if first.resume:
@@ -111,6 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         layers.insert(0, DEMO_SETTINGS)
     args = parse_layered(parser, argv, *layers) if layers else first
     args.resume = first.resume
+    if auto and args.resume:  # the run found continues in its own folder
+        args.output_dir = str(Path(args.resume).parent)
     args.model_kwargs = parse_key_values(args.model_kwargs)
     args.method_cfg = method_cfg_from_args(args)
     return args

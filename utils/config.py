@@ -36,6 +36,7 @@ def load_yaml(path) -> dict:
         raise UserError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UserError(f"config file '{path}' must hold a mapping of flag: value")
+    data.pop('run_info', None)  # what a run's config.yaml records about itself, not a setting
     return {k.replace('-', '_'): v for k, v in data.items()}
 
 

@@ -6,6 +6,7 @@ import logging
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -17,15 +18,15 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from datasets.demo import make_demo_dataset
-from datasets.folder import make_split
+from datasets.folder import Split, make_split
 from datasets.transforms import data_config, eval_transform, train_transform
 from models.factory import build_model, model_new_params
 from models.registry import method_cfg, unwrap
 from utils import run_files
-from utils.checkpoint import (load_backbone_state, load_toolkit_checkpoint, make_checkpoint, rng_state,
-                              save_atomic, set_rng_state)
+from utils.checkpoint import (load_backbone_state, load_resume_checkpoint, make_checkpoint, rng_state, save_atomic,
+                              set_rng_state)
 from utils.data import class_weights, eval_loader, train_loader
-from utils.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed
+from utils.distributed import DistInfo, barrier, cleanup, init_distributed, on_main_process
 from utils.engine import StepSettings, evaluate, train_one_epoch
 from utils.optim import build_optimizer
 from utils.errors import UserError
@@ -39,22 +40,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def resolve_run_dir(args, info: DistInfo) -> Path:
-    """``--output-dir`` itself, the resumed checkpoint's folder, or a new runs/<model>-<method>-<time>."""
-    if args.output_dir:
-        run_dir = Path(args.output_dir)
-    elif args.resume:
-        run_dir = Path(args.resume).parent
-    else:
-        stamp = time.strftime('%Y%m%d-%H%M%S')
-        run_dir = REPO / 'runs' / f'{args.model}-{args.method}-{stamp}'
-    run_dir = Path(broadcast_object(str(run_dir)))
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    barrier()
-    return run_dir
 
 
 def amp_settings(enabled: bool, device: torch.device):
@@ -99,24 +84,67 @@ def train(args) -> Path:
 
 
 def _train(args, info: DistInfo) -> Path:
-    device = info.device
+    """One run, in the order it happens (each step below is a function of this module)."""
     seed_everything(args.seed + info.rank)
+    resume_ckpt = load_resume_checkpoint(args.resume) if args.resume else None
+    run_dir = prepare_run_dir(args, info)
+    split = on_main_process(scan_data, args)
+    model, meta = build_run_model(args, split.classes, resume_ckpt, info)
+    if info.is_main:
+        write_run_files(run_dir, args, meta, split, info)
+    loader, val_loader = make_loaders(args, split, meta['data_config'], info)
+    opt = build_optimisation(args, model, loader, split, info.device)
+    progress = resume(resume_ckpt, args, model, opt, info) if resume_ckpt else Progress()
+    train_model = wrap_for_training(model, args, info)
+    settings = StepSettings(info.device, opt.amp_dtype, opt.scaler, args.accum_steps, args.clip_grad,
+                            args.channels_last, show_progress=info.is_main)
+
+    for epoch in range(progress.start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        epoch_start = time.time()
+        train_stats = train_one_epoch(train_model, loader, opt.optimizer, opt.loss_fn, settings, epoch,
+                                      args.epochs, opt.scheduler, opt.mixup, opt.ema, progress.num_updates)
+        progress.num_updates = train_stats['num_updates']
+        val_stats = evaluate(model, val_loader, settings, len(split.classes))
+        ema_stats = evaluate(opt.ema.module, val_loader, settings, len(split.classes)) if opt.ema else None
+        end_epoch(run_dir, epoch, time.time() - epoch_start, train_stats, val_stats, ema_stats,
+                  args, meta, model, opt, progress, info)
+        if args.early_stop and epoch - progress.best_epoch >= args.early_stop:
+            log.info(f'no better top-1 for {args.early_stop} epochs: stopping early (--early-stop {args.early_stop})')
+            break
+    barrier()
+    if info.is_main:
+        final_report(run_dir, args, split, progress, info.device)
+    return run_dir
+
+
+def prepare_run_dir(args, info: DistInfo) -> Path:
+    """The data root (the built-in demo when none is given) and the run folder, the same on every process;
+    the log goes to the run folder's train.log from here on."""
     if args.data_root is None:
         args.data_root = str(make_demo_dataset(DEMO_ROOT)) if info.is_main else str(DEMO_ROOT)
         barrier()
-    run_dir = resolve_run_dir(args, info)
+    default = REPO / 'runs' / f"{args.model}-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(on_main_process(run_files.claim_run_dir, args.output_dir, args.resume, args.data_root, default))
     run_files.setup_logging(run_dir, info.is_main)
+    return run_dir
 
+
+def scan_data(args) -> Split:
+    """Scan and split the data root (on process 0 only: every process trains on the same file lists)."""
     split = make_split(args.data_root, args.val_split, args.seed)
     classes = split.classes
     if args.nb_classes is not None and args.nb_classes != len(classes):
         raise UserError(f"--nb-classes {args.nb_classes} but '{args.data_root}' has {len(classes)} class "
                         f"folders ({', '.join(classes[:8])}{' ...' if len(classes) > 8 else ''}); "
                         f"drop --nb-classes or fix the folders")
-    resume_ckpt = load_toolkit_checkpoint(args.resume) if args.resume else None
+    return split
+
+
+def build_run_model(args, classes, resume_ckpt: Optional[dict], info: DistInfo):
+    """The model on its device (pretrained weights unless resuming) and the metadata every checkpoint holds."""
     if resume_ckpt is not None:
         check_resume_fits(resume_ckpt, args, classes)
-
     model = build_model(args.model, args.method, args.method_cfg, num_classes=len(classes),
                         img_size=args.img_size, pretrained=None if resume_ckpt else args.pretrained,
                         drop_path_rate=args.drop_path, **args.model_kwargs)
@@ -124,30 +152,53 @@ def _train(args, info: DistInfo) -> Path:
     if new_params and args.pretrained and not resume_ckpt:
         log.info(f'{len(new_params)} parameter tensors added by method {args.method} start from their own '
                  f'initialisation ({new_params[0]} ...)')
-    cfg = data_config(model, args.img_size)
     meta = dict(model_name=args.model, model_kwargs=args.model_kwargs, method=args.method,
                 method_cfg=method_cfg(model), num_classes=len(classes), class_names=list(classes),
-                data_config=cfg)
-    if info.is_main:
-        run_files.write_config(run_dir / 'config.yaml', {**vars(args), 'method_cfg': meta['method_cfg']})
-        run_files.write_class_indices(run_dir / 'class_indices.json', classes)
-        run_files.write_file_list(run_dir / 'train_files.csv', split.train, classes)
-        run_files.write_file_list(run_dir / 'val_files.csv', split.val, classes)
-        if split.skipped:
-            run_files.write_skipped(run_dir / 'skipped_files.csv', split.skipped)
-    log.info(f"data: {len(split.train)} train / {len(split.val)} val images, {len(classes)} classes, "
-             f"{len(split.skipped)} files skipped; model {args.model} + {args.method} "
-             f"{meta['method_cfg'] or '(dense)'} on {device}, world size {info.world_size}; run folder {run_dir}")
-
-    model.to(device)
+                data_config=data_config(model, args.img_size))
+    model.to(info.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    pin = device.type == 'cuda'
-    loader = train_loader(split.train, train_transform(cfg, args.aa, args.reprob, args.scale, args.hflip), args.batch_size,
-                          args.workers, info.rank, info.world_size, args.seed, args.class_balance, pin)
+    return model, meta
+
+
+def write_run_files(run_dir: Path, args, meta: dict, split: Split, info: DistInfo) -> None:
+    """config.yaml, the classes and the exact split (and the files skipped) in the run folder; a summary line."""
+    run_files.write_config(run_dir / 'config.yaml', args,
+                           dict(method_cfg=meta['method_cfg'], **run_files.environment(REPO)))
+    run_files.write_class_indices(run_dir / 'class_indices.json', split.classes)
+    run_files.write_file_list(run_dir / 'train_files.csv', split.train, split.classes)
+    run_files.write_file_list(run_dir / 'val_files.csv', split.val, split.classes)
+    if split.skipped:
+        run_files.write_skipped(run_dir / 'skipped_files.csv', split.skipped)
+    log.info(f"data: {len(split.train)} train / {len(split.val)} val images, {len(split.classes)} classes, "
+             f"{len(split.skipped)} files skipped; model {args.model} + {args.method} "
+             f"{meta['method_cfg'] or '(dense)'} on {info.device}, world size {info.world_size}; run folder {run_dir}")
+
+
+def make_loaders(args, split: Split, cfg: dict, info: DistInfo):
+    pin = info.device.type == 'cuda'
+    loader = train_loader(split.train, train_transform(cfg, args.aa, args.reprob, args.scale, args.hflip),
+                          args.batch_size, args.workers, info.rank, info.world_size, args.seed, args.class_balance,
+                          pin)
     val_loader = eval_loader(split.val, eval_transform(cfg), args.batch_size, args.workers, info.rank,
                              info.world_size, pin)
+    return loader, val_loader
 
+
+@dataclass
+class Optimisation:
+    """What turns losses into updates: optimizer, per-step schedule, AMP, EMA, Mixup and the loss."""
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    updates_per_epoch: int
+    amp_dtype: Optional[torch.dtype]
+    scaler: Optional[torch.amp.GradScaler]
+    ema: Optional[ModelEmaV3]
+    mixup: Optional[Mixup]
+    loss_fn: nn.Module
+
+
+def build_optimisation(args, model, loader, split: Split, device: torch.device) -> Optimisation:
     optimizer = build_optimizer(model, args.lr, args.weight_decay, args.layer_decay)
     updates_per_epoch = math.ceil(len(loader) / args.accum_steps)
     scheduler = create_scheduler_v2(optimizer, sched='cosine', num_epochs=args.epochs, min_lr=args.min_lr,
@@ -155,97 +206,104 @@ def _train(args, info: DistInfo) -> Path:
                                     step_on_epochs=False, updates_per_epoch=updates_per_epoch)[0]
     amp_dtype, scaler = amp_settings(args.amp, device)
     ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+    num_classes = len(split.classes)
     mixup = None
     if args.mixup > 0 or args.cutmix > 0:
         mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
-                      num_classes=len(classes))
-    weights = class_weights([t for _, t in split.train], len(classes)).to(device) \
+                      num_classes=num_classes)
+    weights = class_weights([t for _, t in split.train], num_classes).to(device) \
         if args.class_balance == 'weights' else None
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=0.0 if mixup else args.smoothing)
+    return Optimisation(optimizer, scheduler, updates_per_epoch, amp_dtype, scaler, ema, mixup, loss_fn)
 
-    start_epoch, num_updates, best, best_epoch = 0, 0, -1.0, -1
-    if resume_ckpt is not None:
-        load_backbone_state(model, resume_ckpt['model'], args.resume)
-        optimizer.load_state_dict(resume_ckpt['optimizer'])
-        if resume_ckpt['args'].get('epochs') == args.epochs:
-            scheduler.load_state_dict(resume_ckpt['scheduler'])
-        if scaler is not None and resume_ckpt.get('scaler'):
-            scaler.load_state_dict(resume_ckpt['scaler'])
-        if ema is not None and resume_ckpt.get('model_ema'):
-            ema.module.load_state_dict(resume_ckpt['model_ema'])
-        start_epoch, num_updates = resume_ckpt['epoch'] + 1, resume_ckpt['num_updates']
-        best, best_epoch = resume_ckpt['best_metric'], resume_ckpt['best_epoch']
-        if resume_ckpt['rng']:
-            set_rng_state(resume_ckpt['rng'][min(info.rank, len(resume_ckpt['rng']) - 1)])
-        scheduler.step(start_epoch, None)
-        scheduler.step_update(num_updates)
-        log.info(f"resumed from '{args.resume}' at epoch {start_epoch} (best top-1 {best:.2f}% at epoch {best_epoch})")
 
-    train_model = model
+@dataclass
+class Progress:
+    """Where a run stands: the first epoch to train, the schedule's position in updates, the best top-1."""
+    start_epoch: int = 0
+    num_updates: int = 0
+    best: float = -1.0
+    best_epoch: int = -1
+
+
+def resume(ckpt: dict, args, model, opt: Optimisation, info: DistInfo) -> Progress:
+    """Restore weights, optimizer, scaler, EMA and RNG from a last.pth; the lr schedule is rebuilt from the
+    epoch, so a resume on another number of processes, --batch-size or --accum-steps keeps it in epochs."""
+    load_backbone_state(model, ckpt['model'], args.resume)
+    opt.optimizer.load_state_dict(ckpt['optimizer'])
+    if opt.scaler is not None and ckpt.get('scaler'):
+        opt.scaler.load_state_dict(ckpt['scaler'])
+    if opt.ema is not None and ckpt.get('model_ema'):
+        opt.ema.module.load_state_dict(ckpt['model_ema'])
+    if ckpt['rng']:
+        set_rng_state(ckpt['rng'][min(info.rank, len(ckpt['rng']) - 1)])
+    start_epoch = ckpt['epoch'] + 1
+    progress = Progress(start_epoch, start_epoch * opt.updates_per_epoch, ckpt['best_metric'], ckpt['best_epoch'])
+    opt.scheduler.step_update(progress.num_updates)
+    log.info(f"resumed from '{args.resume}' at epoch {start_epoch} "
+             f"(best top-1 {progress.best:.2f}% at epoch {progress.best_epoch})")
+    return progress
+
+
+def wrap_for_training(model, args, info: DistInfo) -> nn.Module:
+    """The model as the training step calls it: compiled and/or in DistributedDataParallel."""
     if args.compile:
-        train_model = torch.compile(train_model)
+        model = torch.compile(model)
     if info.distributed:
-        train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == 'cuda' else None)
-    settings = StepSettings(device, amp_dtype, scaler, args.accum_steps, args.clip_grad, args.channels_last,
-                            show_progress=info.is_main)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == 'cuda' else None)
+    return model
 
-    stale = 0
-    for epoch in range(start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch)
-        epoch_start = time.time()
-        train_stats = train_one_epoch(train_model, loader, optimizer, loss_fn, settings, epoch, args.epochs,
-                                      scheduler, mixup, ema, num_updates)
-        num_updates = train_stats['num_updates']
-        scheduler.step(epoch + 1, None)
-        val_stats = evaluate(model, val_loader, settings, len(classes))
-        ema_stats = evaluate(ema.module, val_loader, settings, len(classes)) if ema is not None else None
-        use_ema = ema_stats is not None and ema_stats['top1'] > val_stats['top1']
-        score = ema_stats['top1'] if use_ema else val_stats['top1']
-        improved = score > best
-        if improved:
-            best, best_epoch, stale = score, epoch, 0
-        else:
-            stale += 1
-        rngs = gather_rng_states(rng_state(), info)
-        if info.is_main:
-            row = dict(epoch=epoch, lr=train_stats['lr'], train_loss=train_stats['train_loss'],
-                       val_loss=val_stats['val_loss'], top1=val_stats['top1'], top5=val_stats['top5'],
-                       epoch_seconds=time.time() - epoch_start,
-                       train_images_per_s=train_stats['train_images_per_s'])
-            row.update({k: v for k, v in train_stats.items() if k.startswith('train_') and k not in row
-                        and k != 'train_seconds'})
-            row.update({k: v for k, v in val_stats.items() if k.startswith('val_') and k not in row
-                        and k != 'val_images'})
-            if ema_stats is not None:
-                row.update(ema_top1=ema_stats['top1'], ema_top5=ema_stats['top5'])
-            run_files.append_log_row(run_dir / 'log.csv', row)
-            meta['method_cfg'] = method_cfg(model)
-            state = dict(epoch=epoch, num_updates=num_updates, best_metric=best, best_epoch=best_epoch,
-                         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                         scaler=scaler.state_dict() if scaler is not None else None,
-                         model_ema=ema.module.state_dict() if ema is not None else None,
-                         args=plain_args(args), rng=rngs, val=val_stats)
-            save_atomic(make_checkpoint(meta, unwrap(model).state_dict(), **state), run_dir / 'last.pth')
-            if improved:
-                weights_state = (ema.module if use_ema else unwrap(model)).state_dict()
-                save_atomic(make_checkpoint(meta, weights_state, epoch=epoch, best_metric=best, best_epoch=epoch,
-                                            ema_weights=use_ema, args=plain_args(args),
-                                            val=ema_stats if use_ema else val_stats), run_dir / 'best.pth')
-        log_epoch(epoch, train_stats, val_stats, ema_stats)
-        if args.early_stop and stale >= args.early_stop:
-            log.info(f'no better top-1 for {stale} epochs: stopping early (--early-stop {args.early_stop})')
-            break
-    barrier()
+
+def end_epoch(run_dir: Path, epoch: int, seconds: float, train_stats: dict, val_stats: dict,
+              ema_stats: Optional[dict], args, meta: dict, model, opt: Optimisation, progress: Progress,
+              info: DistInfo) -> None:
+    """Track the best top-1, then write best.pth (when better), last.pth, and a row of log.csv, in this order:
+    a crash between two writes never leaves last.pth or the log ahead of best.pth."""
+    use_ema = ema_stats is not None and ema_stats['top1'] > val_stats['top1']
+    score = ema_stats['top1'] if use_ema else val_stats['top1']
+    improved = score > progress.best
+    if improved:
+        progress.best, progress.best_epoch = score, epoch
+    rngs = gather_rng_states(rng_state(), info)
     if info.is_main:
-        log.info(f'best top-1 {best:.2f}% at epoch {best_epoch}; checkpoints and log in {run_dir}')
-        if args.report and (run_dir / 'best.pth').exists():
-            from utils.predictor import write_report
-            summary = write_report(run_dir / 'best.pth', split.val, classes, run_dir / 'report', device=device,
-                                   batch_size=args.batch_size, workers=args.workers, skipped=split.skipped)
-            log.info(f"report of best.pth on the validation split (top-1 {summary['accuracy'] * 100:.2f}%): "
-                     f"{run_dir / 'report' / 'report.html'}")
-    return run_dir
+        meta['method_cfg'] = method_cfg(model)
+        if improved:
+            weights = (opt.ema.module if use_ema else unwrap(model)).state_dict()
+            save_atomic(make_checkpoint(meta, weights, epoch=epoch, best_metric=score, best_epoch=epoch,
+                                        ema_weights=use_ema, args=plain_args(args),
+                                        val=ema_stats if use_ema else val_stats), run_dir / 'best.pth')
+        state = dict(epoch=epoch, num_updates=progress.num_updates, best_metric=progress.best,
+                     best_epoch=progress.best_epoch, optimizer=opt.optimizer.state_dict(),
+                     scaler=opt.scaler.state_dict() if opt.scaler is not None else None,
+                     model_ema=opt.ema.module.state_dict() if opt.ema is not None else None,
+                     args=plain_args(args), rng=rngs, val=val_stats)
+        save_atomic(make_checkpoint(meta, unwrap(model).state_dict(), **state), run_dir / 'last.pth')
+        run_files.append_log_row(run_dir / 'log.csv', log_row(epoch, seconds, train_stats, val_stats, ema_stats))
+    log_epoch(epoch, train_stats, val_stats, ema_stats)
+
+
+def log_row(epoch: int, seconds: float, train_stats: dict, val_stats: dict, ema_stats: Optional[dict]) -> dict:
+    row = dict(epoch=epoch, lr=train_stats['lr'], train_loss=train_stats['train_loss'],
+               val_loss=val_stats['val_loss'], top1=val_stats['top1'], top5=val_stats['top5'],
+               epoch_seconds=seconds, train_images_per_s=train_stats['train_images_per_s'])
+    row.update({k: v for k, v in train_stats.items() if k.startswith('train_') and k not in row
+                and k != 'train_seconds'})
+    row.update({k: v for k, v in val_stats.items() if k.startswith('val_') and k not in row and k != 'val_images'})
+    if ema_stats is not None:
+        row.update(ema_top1=ema_stats['top1'], ema_top5=ema_stats['top5'])
+    return row
+
+
+def final_report(run_dir: Path, args, split: Split, progress: Progress, device: torch.device) -> None:
+    """The evaluation report of best.pth on the validation split (unless --no-report)."""
+    log.info(f'best top-1 {progress.best:.2f}% at epoch {progress.best_epoch}; checkpoints and log in {run_dir}')
+    if args.report and (run_dir / 'best.pth').exists():
+        from utils.predictor import write_report
+        summary = write_report(run_dir / 'best.pth', split.val, split.classes, run_dir / 'report', device=device,
+                               batch_size=args.batch_size, workers=args.workers, skipped=split.skipped)
+        log.info(f"report of best.pth on the validation split (top-1 {summary['accuracy'] * 100:.2f}%): "
+                 f"{run_dir / 'report' / 'report.html'}")
 
 
 def gather_rng_states(state: dict, info: DistInfo) -> list:

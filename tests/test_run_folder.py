@@ -1,0 +1,187 @@
+"""Run folders, config.yaml, resume rules and crash safety: nothing of a user's run is lost or overwritten."""
+import csv
+import errno
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import train_gpu
+from conftest import TINY_FLAGS, make_image_folder
+from utils import run_files
+from utils.checkpoint import save_atomic
+from utils.errors import UserError
+
+
+def read_log(run_dir):
+    return list(csv.DictReader((Path(run_dir) / 'log.csv').open()))
+
+
+def snapshot(folder):
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in Path(folder).iterdir()}
+
+
+def expect_error(argv, capsys, *fragments):
+    code = train_gpu.main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.startswith('error:')]
+    assert code == 2 and len(lines) == 1 and 'Traceback' not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp('data'), per_class=12)  # 28 train / 8 val images
+
+
+@pytest.fixture(scope='module')
+def run(data, tmp_path_factory):
+    """A 3-epoch run at batch 8 (3 updates per epoch), warm-up 1 epoch."""
+    run = tmp_path_factory.mktemp('run')
+    assert train_gpu.main(['--data-root', str(data), '--output-dir', str(run), '--epochs', '3', *TINY_FLAGS,
+                           '--batch-size', '8']) == 0
+    return run
+
+
+@pytest.fixture
+def copy(run, tmp_path):
+    shutil.copytree(run, tmp_path / 'copy')
+    return tmp_path / 'copy'
+
+
+def test_a_folder_holding_a_run_is_refused(copy, data, capsys):
+    before = snapshot(copy)
+    expect_error(['--data-root', str(data), '--output-dir', str(copy), *TINY_FLAGS], capsys,
+                 'already holds a run', f"--resume {copy / 'last.pth'}")
+    assert snapshot(copy) == before
+
+
+def test_run_folder_inside_the_data_is_refused(data, capsys):
+    expect_error(['--data-root', str(data), '--output-dir', str(data / 'runs' / 'a'), *TINY_FLAGS], capsys,
+                 'inside --data-root')
+    assert not (data / 'runs').exists()
+
+
+def test_default_run_folders_of_the_same_second_differ(tmp_path):
+    default = tmp_path / 'runs' / 'vit-none-20250101-120000'
+    first = run_files.claim_run_dir(None, None, tmp_path / 'data', default)
+    second = run_files.claim_run_dir(None, None, tmp_path / 'data', default)
+    assert first == default and second.name == default.name + '-2' and second.is_dir()
+
+
+def test_config_yaml_loads_back_as_config(run, tmp_path):
+    other = tmp_path / 'other'
+    assert train_gpu.main(['--config', str(run / 'config.yaml'), '--output-dir', str(other), '--epochs', '1']) == 0
+    first, second = (yaml.safe_load((d / 'config.yaml').read_text()) for d in (run, other))
+    info = first.pop('run_info')
+    assert set(info) >= {'python', 'torch', 'timm', 'method_cfg'}
+    assert second.pop('run_info')['torch'] == info['torch']
+    assert second.pop('epochs') == 1 and first.pop('epochs') == 3
+    assert second == first
+    assert first['model_kwargs'] == ['patch_size=8', 'depth=4', 'embed_dim=64', 'num_heads=2']
+
+
+def test_resume_from_best_is_refused_before_anything_is_written(copy, capsys):
+    before = snapshot(copy)
+    expect_error(['--resume', str(copy / 'best.pth'), '--epochs', '4'], capsys,
+                 f"--resume {copy / 'last.pth'}", f"--pretrained {copy / 'best.pth'}")
+    assert snapshot(copy) == before
+
+
+def test_early_stop_counter_survives_resume(copy):
+    last = torch.load(copy / 'last.pth', weights_only=True)
+    assert last['epoch'] == 2
+    last.update(best_metric=101.0, best_epoch=1)  # unbeatable, one epoch ago
+    torch.save(last, copy / 'last.pth')
+    assert train_gpu.main(['--resume', str(copy / 'last.pth'), '--epochs', '9', '--early-stop', '2']) == 0
+    assert [int(r['epoch']) for r in read_log(copy)] == [0, 1, 2, 3]  # 2 epochs without a better top-1 at epoch 3
+
+
+def test_resume_auto_takes_the_newest_last_pth(tmp_path):
+    for i, folder in enumerate(['b', '.', 'a']):  # the folder's own last.pth is the newest
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / 'last.pth').write_bytes(b'')
+        os.utime(tmp_path / folder / 'last.pth', (1000 + 100 * (i == 1) + i, 1000 + 100 * (i == 1) + i))
+    assert train_gpu.find_latest_checkpoint(tmp_path) == str(tmp_path / 'last.pth')
+
+
+def test_resume_with_another_batch_size_keeps_the_schedule_in_epochs(copy):
+    import math
+    # 3 of 5 epochs done at 3 updates per epoch; batch 16 gives 1 update per epoch from here on
+    assert train_gpu.main(['--resume', str(copy / 'last.pth'), '--epochs', '5', '--batch-size', '16']) == 0
+    rows = read_log(copy)
+    assert int(rows[-1]['epoch']) == 4 and torch.load(copy / 'last.pth', weights_only=True)['num_updates'] == 5
+    for row in rows[3:]:  # the lr after epoch e is the cosine's at e + 1 of 5 epochs
+        e = int(row['epoch'])
+        expected = 1e-6 + 0.5 * (1e-3 - 1e-6) * (1 + math.cos(math.pi * (e + 1) / 5))
+        assert float(row['lr']) == pytest.approx(expected, rel=1e-4)
+
+
+def test_epoch_end_writes_best_then_last_then_the_log(data, tmp_path, monkeypatch):
+    import utils.trainer
+    order = []
+    real_save, real_append = utils.trainer.save_atomic, run_files.append_log_row
+    monkeypatch.setattr(utils.trainer, 'save_atomic', lambda obj, path: (order.append(Path(path).name),
+                                                                         real_save(obj, path)))
+    monkeypatch.setattr(run_files, 'append_log_row', lambda path, row: (order.append(Path(path).name),
+                                                                        real_append(path, row)))
+    assert train_gpu.main(['--data-root', str(data), '--output-dir', str(tmp_path / 'r'), '--epochs', '1',
+                           *TINY_FLAGS]) == 0
+    assert order == ['best.pth', 'last.pth', 'log.csv']
+
+
+def test_log_rows_are_appended(tmp_path):
+    path = tmp_path / 'log.csv'
+    run_files.append_log_row(path, dict(epoch=0, lr=0.5))
+    first = path.read_text()
+    run_files.append_log_row(path, dict(epoch=1, lr=0.25))
+    assert path.read_text().startswith(first)
+    run_files.append_log_row(path, dict(epoch=2, lr=0.125, ema_top1=50.0))  # a new column: rewritten whole
+    assert [r['ema_top1'] for r in csv.DictReader(path.open())] == ['', '', '50']
+
+
+def test_failed_checkpoint_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / 'last.pth'
+    save_atomic({'epoch': 1}, path)
+    old = path.read_bytes()
+
+    def disk_full(obj, f):
+        f.write(b'half a checkpoint')
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    monkeypatch.setattr(torch, 'save', disk_full)
+    with pytest.raises(UserError, match='No space left on device'):
+        save_atomic({'epoch': 2}, path)
+    assert path.read_bytes() == old and sorted(p.name for p in tmp_path.iterdir()) == ['last.pth']
+
+
+def test_mixup_on_odd_batches_and_a_split_smaller_than_a_batch(tmp_path):
+    from timm.data import Mixup
+    from utils.engine import mix
+    images, targets = mix(Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, num_classes=3),
+                          torch.randn(5, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1]))
+    assert images.shape[0] == targets.shape[0] == 6
+    assert torch.allclose(targets.sum(1), torch.ones(6))
+    small = make_image_folder(tmp_path / 'small', per_class=4)  # 9 train images: one odd batch of 16
+    assert train_gpu.main(['--data-root', str(small), '--output-dir', str(tmp_path / 'r'), '--epochs', '1',
+                           '--val-split', '0.25', *TINY_FLAGS, '--mixup', '0.8', '--cutmix', '1.0']) == 0
+    assert len(read_log(tmp_path / 'r')) == 1
+
+
+def test_device_choice_under_several_processes(caplog):
+    from utils.distributed import pick_device
+    cuda = torch.device
+    assert pick_device('cuda:1', local_rank=0, world_size=1, cuda_available=True) == cuda('cuda', 1)
+    assert pick_device('cuda', local_rank=2, world_size=4, cuda_available=True) == cuda('cuda', 2)
+    assert pick_device('auto', local_rank=3, world_size=4, cuda_available=True) == cuda('cuda', 3)
+    assert pick_device('auto', local_rank=3, world_size=4, cuda_available=False) == cuda('cpu')
+    assert not caplog.records
+    assert pick_device('cuda:1', local_rank=0, world_size=2, cuda_available=True) == cuda('cuda', 0)
+    assert 'CUDA_VISIBLE_DEVICES' in caplog.text
+    assert pick_device('cuda:1', local_rank=1, world_size=2, cuda_available=True) == cuda('cuda', 1)
+    with pytest.raises(UserError, match='--device cpu'):
+        pick_device('cuda:0', cuda_available=False)

@@ -226,14 +226,18 @@ def _launch(launcher, data, run, extra=()):
                          ids=['torchrun', 'legacy-launch', 'legacy-launch-use-env'])
 def test_two_process_cpu_run(launcher, tmp_path):
     data = make_image_folder(tmp_path / 'data', per_class=15)  # 9 val images: odd, so padding would show
+    (data / 'checker' / 'notes.txt').write_text('not an image')
     run = tmp_path / 'run'
-    result = _launch(launcher, data, run)
+    # 36 train images, 18 per process: batches of 5 (odd) under Mixup
+    result = _launch(launcher, data, run, ['--mixup', '0.8', '--batch-size', '5'])
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count('skipping') == 1  # process 0 scans the data, the other gets its split
     files = sorted(p.name for p in run.iterdir())
-    assert files == ['best.pth', 'class_indices.json', 'config.yaml', 'last.pth', 'log.csv', 'train.log',
-                     'train_files.csv', 'val_files.csv']
+    assert files == ['best.pth', 'class_indices.json', 'config.yaml', 'last.pth', 'log.csv', 'skipped_files.csv',
+                     'train.log', 'train_files.csv', 'val_files.csv']
     ckpt = torch.load(run / 'last.pth', weights_only=True)
     assert ckpt['val']['val_images'] == 9
+    assert ckpt['num_updates'] == 3
     assert len(ckpt['rng']) == 2
     assert len(read_log(run)) == 1
 

@@ -16,7 +16,8 @@ Defaults, from the official README (Ackesnal/GTP-ViT): num_prop 4, MixedAttnMax,
 attention weights zeroed, so 0 is off; the official ``sparsity=0.6`` keeps 60 % of them, i.e. ``sparsity=0.4``
 here. As in the official code, the weights below the k-th smallest of each head (k = int(N^2 * sparsity)) are
 zeroed after attention dropout, and both the block's output and the token selection use what is left.
-``PRESETS`` holds the official README's tuned (sparsity, alpha) for each num_prop 1-14 (DeiT-B, MixedAttnMax,
+Kept tokens are reordered by importance, as in the official code (this decides ties between equally
+unimportant tokens alike, e.g. importance 0 under sparsity). ``PRESETS`` holds the official README's tuned (sparsity, alpha) for each num_prop 1-14 (DeiT-B, MixedAttnMax,
 mixed graph, GraphProp, token scales); ``preset(P)`` gives the settings. ``propagation='none'`` drops the tokens
 (the paper's ablation).
 
@@ -98,7 +99,8 @@ def build_graph(tokens: torch.Tensor, kind: str, grid: Tuple[int, int], neighbou
 def sparse_attention(probs: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Zero each head's weights below its k-th smallest, k = int(N^2 * sparsity) (no renormalisation)."""
     flat = probs.flatten(2)
-    k = max(int(flat.shape[-1] * sparsity), 1)
+    kept = 1 - sparsity  # the official is given the kept share: the same float arithmetic gives the same k
+    k = max(int(flat.shape[-1] * (1 - kept)), 1)
     threshold = flat.kthvalue(k, dim=-1, keepdim=True).values[..., None]
     return probs * (probs >= threshold)
 
@@ -124,7 +126,7 @@ class GTPBlock:
 def propagate(x, scale, graph, rank, num_prop: int, cfg: dict, prefix: int):
     """Remove the ``num_prop`` lowest-ranked image tokens, passing their features and scales on over ``graph``."""
     order = rank.argsort(dim=-1, descending=True)
-    keep = order[:, :-num_prop].sort(dim=-1).values  # kept tokens stay in their order
+    keep = order[:, :-num_prop]  # by importance, as the official: it breaks ties (e.g. zeros under sparsity) alike
     gone = order[:, -num_prop:]
     image, image_scale = x[:, prefix:], scale[:, prefix:]
 

@@ -183,7 +183,8 @@ def add_args(group: argparse._ArgumentGroup) -> None:
                        help='ToE: keep rate of each stage')
     group.add_argument('--toe-steps', type=float, nargs='+', default=[0, 0.33, 0.67],
                        help='ToE: where each stage starts, as fractions of --epochs')
-    group.add_argument('--toe-init-keep-rate', type=float, default=0.25, help='ToE: share of tokens seeded (every int(1 // rate)-th)')
+    group.add_argument('--toe-init-keep-rate', type=float, default=0.25,
+                       help='ToE: share of tokens seeded (every int(1 // rate)-th)')
     group.add_argument('--toe-substeps', type=int, default=2, help='ToE: sub-steps in which each stage adds its tokens')
 
 

@@ -9,8 +9,9 @@ tokens it replaced. Prefix tokens (class, registers, distillation) are never mer
 
 Settings (``method_cfg``): ``r`` tokens merged per block, read as the official ``parse_r``: an int, a list
 (one value per block, missing blocks 0), or a tuple ``(r, inflection)`` spreading about the same total linearly
-from r(1 - inflection) to r(1 + inflection) across the blocks (-1: the paper's decreasing schedule); ``prop_attn`` proportional attention (default on, as the paper). Default r = 13, the paper's
-DeiT-S / ViT-S setting (-41 % MACs). r is capped per block at (tokens - prefix) // 2. ``configure(r=...)``
+from r(1 - inflection) to r(1 + inflection) across the blocks (-1: the paper's decreasing schedule);
+``prop_attn`` proportional attention (default on, as the paper). Default r = 13, the paper's DeiT-S / ViT-S
+setting (-41 % MACs). r is capped per block at (tokens - prefix) // 2. ``configure(r=...)``
 changes r between forwards; ``track_source=True`` records which patches each token stands for (token maps).
 """
 import argparse

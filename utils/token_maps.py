@@ -1,8 +1,8 @@
 """Token maps: what a method did to the tokens, drawn on the user's own images.
 
 Methods record their provenance per block (``models.provenance``) only inside ``models.registry.record_tokens``,
-so it costs nothing otherwise. Owner maps (ToMe, GTP, MTViT, ToE) paint each group of patches that one token stands for in
-the group's mean colour with borders between groups; patches removed (GTP) or dropped (MTViT, ToE) are dimmed,
+so it costs nothing otherwise. Owner maps (ToMe, GTP, MTViT, ToE) paint each group of patches that one token
+stands for in the group's mean colour with borders between groups; patches removed (GTP) or dropped (MTViT, ToE) are dimmed,
 tinted with the colour of the token that took them in, if any; ToE's seed tokens carry a cyan dot, so the
 tokens kept without one are its expansions. Grain maps (DGE) lay green / yellow / red over
 the regions that got fine / medium / coarse queries. A dense model gets a note that no token is reduced.

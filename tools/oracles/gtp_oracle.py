@@ -18,6 +18,7 @@ FIXTURE_SETTINGS = [dict(num_prop=4), preset(8), dict(num_prop=6, graph='spatial
                     dict(num_prop=3, graph='semantic', num_neighbours=4, selection='MixedAttnMean', sparsity=0.2),
                     dict(num_prop=5, selection='CLSAttnMean', propagation='none')]
 TRAINING = False
+OFFICIAL_FILE = 'models_v3.py'
 DEFAULTS = dict(selection='MixedAttnMax', propagation='GraphProp', graph='mixed', num_neighbours=8, alpha=0.1,
                 sparsity=0.0)
 
@@ -33,7 +34,7 @@ class InScratchFolder(nn.Module):
 
 
 def official(official_dir: Path, dense: nn.Module, cfg: dict) -> nn.Module:
-    module = load_official_file(official_dir / 'models_v3.py', 'gtp_official_models_v3',
+    module = load_official_file(official_dir / OFFICIAL_FILE, 'gtp_official_models_v3',
                                 edit=lambda text: text.replace('.to("cuda")', ''))
     cfg = {**DEFAULTS, **cfg}
     block = dense.blocks[0]

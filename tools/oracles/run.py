@@ -67,8 +67,9 @@ def main(argv=None) -> int:
     try:
         oracle = importlib.import_module(f'tools.oracles.{args.method}_oracle')
         official_dir = Path(args.official_dir).expanduser().resolve()
-        if not official_dir.is_dir():
-            raise UserError(f"--official-dir '{args.official_dir}' is not a folder")
+        if not (official_dir / oracle.OFFICIAL_FILE).is_file():
+            raise UserError(f"--official-dir '{args.official_dir}' has no {oracle.OFFICIAL_FILE}; pass the folder of "
+                            f"the fetched official repository")
         if args.save_fixture:
             save_fixture(oracle, args.method, official_dir)
             return 0

@@ -15,6 +15,7 @@ SETTINGS = {'stage 0 (keep 0.5)': dict(stage=0), 'stage 1 (keep 0.75)': dict(sta
 FIXTURE_SETTINGS = [dict(stage=0), dict(stage=1), dict(stage=0, substeps=3),
                     dict(keep_rate=[0.6, 0.8, 0.9], init_keep_rate=0.3, stage=2)]
 TRAINING = True
+OFFICIAL_FILE = 'token_select.py'  # the same as ToE/deit/model/token_select.py
 DEFAULTS = dict(keep_rate=[0.5, 0.75, 1.0], init_keep_rate=0.25, substeps=2)
 
 
@@ -36,8 +37,7 @@ class OfficialToE(nn.Module):
 
 
 def official(official_dir: Path, dense: nn.Module, cfg: dict) -> nn.Module:
-    path = official_dir / 'ToE' / 'deit' / 'model' / 'token_select.py'
-    module = load_official_file(path if path.is_file() else official_dir / 'token_select.py', 'toe_official_select')
+    module = load_official_file(official_dir / OFFICIAL_FILE, 'toe_official_select')
     cfg = {**DEFAULTS, **cfg}
     selector = module.TokenSelect(expansion_step=list(range(len(cfg['keep_rate']))), keep_rate=cfg['keep_rate'],
                                   initialization_keep_rate=cfg['init_keep_rate'],

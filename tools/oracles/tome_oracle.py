@@ -5,18 +5,14 @@ from pathlib import Path
 
 from torch import nn
 
-from utils.errors import UserError
-
 SETTINGS = {'r=8': dict(r=8), 'r=13': dict(r=13), 'r=16': dict(r=16), 'r=(13, -1.0)': dict(r=(13, -1.0))}
 FIXTURE_SETTINGS = [dict(r=4), dict(r=[8, 6, 4, 2]), dict(r=(4, -1.0)), dict(r=(4, 0)),
                     dict(r=6, prop_attn=False)]
 TRAINING = False
+OFFICIAL_FILE = 'tome/patch/timm.py'
 
 
 def official(official_dir: Path, dense: nn.Module, cfg: dict) -> nn.Module:
-    if not (official_dir / 'tome' / 'patch' / 'timm.py').is_file():
-        raise UserError(f"'{official_dir}' has no tome/patch/timm.py; pass the folder of the fetched "
-                        f"facebookresearch/ToMe repository")
     if str(official_dir) not in sys.path:
         sys.path.append(str(official_dir))
     import tome

@@ -40,7 +40,8 @@ def attend(attn: Attention, x: torch.Tensor, bias: Optional[torch.Tensor] = None
     x: [B, N, C]; bias: broadcastable to [B, heads, N, N] (e.g. [B, 1, 1, N] for log sizes) or None.
     Returns (output [B, N, C], q and k [B, heads, N, head_dim] after q/k norm, probabilities or None).
     Uses fused ``scaled_dot_product_attention`` whenever timm's module does, unless ``explicit``: then the
-    attention probabilities [B, heads, N, N] are computed once, returned, and (after ``reweight``) used.
+    attention probabilities [B, heads, N, N] are computed once and, after attention dropout and ``reweight``,
+    used and returned.
     """
     B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
@@ -54,8 +55,10 @@ def attend(attn: Attention, x: torch.Tensor, bias: Optional[torch.Tensor] = None
             q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.)
     else:
         logits = (q * attn.scale) @ k.transpose(-2, -1)
-        probs = (logits if bias is None else logits + bias).softmax(dim=-1)
-        out = attn.attn_drop(reweight(probs) if reweight is not None else probs) @ v
+        probs = attn.attn_drop((logits if bias is None else logits + bias).softmax(dim=-1))
+        if reweight is not None:
+            probs = reweight(probs)
+        out = probs @ v
     out = attn.norm(out.transpose(1, 2).reshape(B, N, attn.attn_dim))
     if gate is not None:
         out = out * gate

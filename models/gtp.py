@@ -13,13 +13,18 @@ log(scale) to its logits. Prefix tokens are never selected.
 
 Defaults, from the official README (Ackesnal/GTP-ViT): num_prop 4, MixedAttnMax, GraphProp, mixed graph with
 8 neighbours, alpha 0.1, token scales on, no attention sparsity. ``sparsity`` here is the fraction of
-attention weights zeroed (below that quantile, per head), so 0 is off; the official ``sparsity=0.6`` keeps 60 %
-of them, i.e. ``sparsity=0.4`` here. ``propagation='none'`` drops the tokens (the paper's ablation).
+attention weights zeroed, so 0 is off; the official ``sparsity=0.6`` keeps 60 % of them, i.e. ``sparsity=0.4``
+here. As in the official code, the weights below the k-th smallest of each head (k = int(N^2 * sparsity)) are
+zeroed after attention dropout, and both the block's output and the token selection use what is left.
+Kept tokens are reordered by importance, as in the official code (this decides ties between equally
+unimportant tokens alike, e.g. importance 0 under sparsity). ``PRESETS`` holds the official README's tuned (sparsity, alpha) for each num_prop 1-14 (DeiT-B, MixedAttnMax,
+mixed graph, GraphProp, token scales); ``preset(P)`` gives the settings. ``propagation='none'`` drops the tokens
+(the paper's ablation).
 
 Cost: selection needs the whole attention-probability matrix (column sums), so a propagating block computes
 the attention explicitly once and takes both its output and the selection from those probabilities (computing
 them beside a fused call would do the q k^T work twice: 13 % slower on a CPU); blocks that do not propagate keep
-fused attention. With ``sparsity`` > 0 the output comes from the thresholded probabilities.
+fused attention.
 """
 import argparse
 from typing import Optional, Tuple
@@ -33,6 +38,18 @@ from .common import attend, check_attention, embed, head, maybe_checkpoint, mlp_
 SELECTIONS = ('MixedAttnMax', 'MixedAttnMean', 'IMGAttnMax', 'CLSAttnMean')
 PROPAGATIONS = ('GraphProp', 'none')
 GRAPHS = ('mixed', 'spatial', 'semantic')
+# official README, DeiT-B: num_prop -> (official sparsity = share of attention weights kept, alpha)
+PRESETS = {1: (0.8, 0.1), 2: (0.7, 0.1), 3: (0.9, 0.4), 4: (1.0, 0.4), 5: (0.6, 0.15), 6: (0.6, 0.15),
+           7: (0.6, 0.1), 8: (0.6, 0.1), 9: (0.7, 0.2), 10: (0.5, 0.2), 11: (0.8, 0.3), 12: (0.8, 0.3),
+           13: (0.7, 0.3), 14: (0.8, 0.3)}
+
+
+def preset(num_prop: int) -> dict:
+    """The official README's tuned settings for ``num_prop`` tokens per block (our sparsity = 1 - theirs)."""
+    if num_prop not in PRESETS:
+        raise ValueError(f'gtp: no preset for num_prop {num_prop}; presets exist for {min(PRESETS)}-{max(PRESETS)}')
+    kept, alpha = PRESETS[num_prop]
+    return dict(num_prop=num_prop, alpha=alpha, sparsity=1 - kept)
 
 
 def importance(probs: torch.Tensor, rule: str, prefix: int) -> torch.Tensor:
@@ -80,11 +97,12 @@ def build_graph(tokens: torch.Tensor, kind: str, grid: Tuple[int, int], neighbou
 
 
 def sparse_attention(probs: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Zero the ``sparsity`` fraction of smallest attention weights of each head (no renormalisation)."""
+    """Zero each head's weights below its k-th smallest, k = int(N^2 * sparsity) (no renormalisation)."""
     flat = probs.flatten(2)
-    k = max(int(flat.shape[-1] * sparsity), 1)
+    kept = 1 - sparsity  # the official is given the kept share: the same float arithmetic gives the same k
+    k = max(int(flat.shape[-1] * (1 - kept)), 1)
     threshold = flat.kthvalue(k, dim=-1, keepdim=True).values[..., None]
-    return probs * (probs > threshold)
+    return probs * (probs >= threshold)
 
 
 class GTPBlock:
@@ -108,7 +126,7 @@ class GTPBlock:
 def propagate(x, scale, graph, rank, num_prop: int, cfg: dict, prefix: int):
     """Remove the ``num_prop`` lowest-ranked image tokens, passing their features and scales on over ``graph``."""
     order = rank.argsort(dim=-1, descending=True)
-    keep = order[:, :-num_prop].sort(dim=-1).values  # kept tokens stay in their order
+    keep = order[:, :-num_prop]  # by importance, as the official: it breaks ties (e.g. zeros under sparsity) alike
     gone = order[:, -num_prop:]
     image, image_scale = x[:, prefix:], scale[:, prefix:]
 
@@ -200,9 +218,13 @@ def add_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument('--gtp-neighbours', type=int, default=8, help='GTP: k of the semantic k-NN graph')
     group.add_argument('--gtp-alpha', type=float, default=0.1, help='GTP: weight of propagated features')
     group.add_argument('--gtp-sparsity', type=float, default=0.0, help='GTP: fraction of attention weights zeroed')
+    group.add_argument('--gtp-preset', type=int, metavar='P', choices=sorted(PRESETS),
+                       help='GTP: the official README\'s tuned num_prop, alpha and sparsity for P tokens per block '
+                            '(1-14); replaces --gtp-num-prop, --gtp-alpha and --gtp-sparsity')
 
 
 def cfg_from_args(args: argparse.Namespace) -> dict:
-    return dict(num_prop=args.gtp_num_prop, selection=args.gtp_selection, propagation=args.gtp_propagation,
-                graph=args.gtp_graph, num_neighbours=args.gtp_neighbours, alpha=args.gtp_alpha,
-                sparsity=args.gtp_sparsity)
+    cfg = dict(num_prop=args.gtp_num_prop, selection=args.gtp_selection, propagation=args.gtp_propagation,
+               graph=args.gtp_graph, num_neighbours=args.gtp_neighbours, alpha=args.gtp_alpha,
+               sparsity=args.gtp_sparsity)
+    return {**cfg, **preset(args.gtp_preset)} if args.gtp_preset is not None else cfg

@@ -12,16 +12,25 @@ The model it returns carries ``method_name`` and ``method_cfg`` (a plain dict sa
   ``extra_loss() -> Tensor | None``                     added to the task loss after each training forward;
   ``method_stats() -> dict``                            floats logged per epoch (keep rate, stage, compute);
   ``new_param_prefixes``                                state-dict prefixes of parameters the method adds,
-                                                       which a dense checkpoint does not have.
-The engine calls these through the functions below and never names a method.
+                                                       which a dense checkpoint does not have;
+  ``new_param_lr_scale``                                learning-rate factor of those new parameters (1.0);
+  ``token_maps_in_training``                            True when the method reduces tokens only in training
+                                                       (ToE), so token maps run the model in training mode;
+  ``record_tokens`` / ``token_record``                  while ``record_tokens`` is True (set by
+                                                       ``record_tokens()`` below), forwards append each
+                                                       block's provenance to ``token_record`` (models.provenance).
+The engine, optimizer and token maps call these through the functions below and never name a method or read its
+attributes.
 """
 import argparse
 import importlib
 import inspect
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
+
+from utils.errors import UserError
 
 METHODS = ('none', 'tome', 'gtp', 'mtvit', 'toe', 'dge')
 
@@ -69,8 +78,12 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
 
 
 def method_cfg_from_args(args: argparse.Namespace) -> dict:
+    """The ``method_cfg`` the flags describe; a flag value the method cannot read is a ``UserError``."""
     module = method_module(args.method)
-    return {} if module is None else module.cfg_from_args(args)
+    try:
+        return {} if module is None else module.cfg_from_args(args)
+    except ValueError as err:
+        raise UserError(str(err)) from None
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -108,3 +121,28 @@ def method_stats(model: nn.Module) -> Dict[str, float]:
 
 def new_param_prefixes(model: nn.Module):
     return tuple(getattr(unwrap(model), 'new_param_prefixes', ()))
+
+
+def new_param_lr_scale(model: nn.Module) -> float:
+    """Learning-rate factor for the parameters named by ``new_param_prefixes`` (1.0: the base rate)."""
+    return float(getattr(unwrap(model), 'new_param_lr_scale', 1.0))
+
+
+def token_maps_in_training(model: nn.Module) -> bool:
+    """Whether the method reduces tokens only in training mode, where token maps must run it."""
+    return bool(getattr(unwrap(model), 'token_maps_in_training', False))
+
+
+@torch.no_grad()
+def record_tokens(model: nn.Module, images: torch.Tensor) -> List[dict]:
+    """Run ``images`` with provenance recording on; returns the model's per-block records (models.provenance)."""
+    model = unwrap(model)
+    was_training = model.training
+    model.train(token_maps_in_training(model))
+    model.record_tokens = True
+    try:
+        model(images)
+        return list(getattr(model, 'token_record', []))
+    finally:
+        model.record_tokens = False
+        model.train(was_training)

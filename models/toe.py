@@ -3,16 +3,18 @@ Expansion", CVPR 2024; Osilly/TokenExpansion).
 
 A training-time method: training starts with a fraction of the image tokens and expands to all of them, so the
 trained model is a plain ViT (evaluation and saved weights are unchanged). In training mode, after the first
-block, a token selector keeps a subset: it seeds ``init_keep_rate`` of the tokens at a uniform stride, then in
-``substeps`` sub-steps adds the tokens least similar (cosine) to those already kept until the stage's keep rate
-is reached; every token left out is merged (mean) into its most similar kept token, and the remaining blocks run
-on the kept tokens. The stage is how many of ``steps`` (fractions of the total epochs) have passed; the keep
-rate is ``keep_rate[stage]``. Defaults from the paper's DeiT-S recipe (stages at epochs 0/100/200 of 300, keep
-0.5/0.75/1.0, initial 0.25, 2 sub-steps), with the stage boundaries as fractions so they scale with --epochs.
+block, a token selector keeps a subset, as the official ``TokenSelect``: it seeds every int(1 // r0)-th token,
+int(n * r0) of them (r0 = ``init_keep_rate``), then for each stage up to the current one adds that stage's
+increment of tokens in ``substeps`` sub-steps, each taking the tokens least similar (cosine) to those already
+kept (at keep 0.75 of 196 tokens: 49 seeds, then 24 + 25 + 24 + 25); every token left out is merged (mean) into
+its most similar kept token, and the remaining blocks run on the kept tokens. The stage is how many of ``steps``
+(fractions of the total epochs) have passed; the keep rate is ``keep_rate[stage]``. Defaults from the paper's
+DeiT-S recipe (stages at epochs 0/100/200 of 300, keep 0.5/0.75/1.0, initial 0.25, 2 sub-steps), with the stage
+boundaries as fractions so they scale with --epochs (the official counts epochs). With ``global_pool='avg'`` a
+kept token weighs the tokens merged into it (the official averages the kept tokens plainly).
 """
 import argparse
-import math
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -26,46 +28,61 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a / a.norm(dim=-1, keepdim=True)) @ (b / b.norm(dim=-1, keepdim=True)).transpose(-1, -2)
 
 
-def seed_indices(n: int, keep: int, init_keep_rate: float, device) -> torch.Tensor:
-    """The ``init_keep_rate`` share of the n image tokens (at most ``keep``) seeded at a uniform stride."""
-    seeds = min(keep, max(1, round(init_keep_rate * n)))
-    return torch.linspace(0, n - 1, seeds, device=device).round().long()
+def seed_indices(n: int, init_keep_rate: float, device) -> torch.Tensor:
+    """The seeds among n image tokens, as the official: every int(1 // rate)-th token, int(n * rate) of them."""
+    stride = max(int(1 // init_keep_rate), 1)
+    return torch.arange(0, n, stride, device=device)[:max(int(n * init_keep_rate), 1)]
 
 
-def select_tokens(tokens: torch.Tensor, keep: int, init_keep_rate: float, substeps: int) -> torch.Tensor:
-    """Indices [B, keep] (sorted) of the image tokens [B, N, C] that ToE's selector keeps.
+def expansion_counts(n: int, keep_rate: Sequence[float], init_keep_rate: float, stage: int,
+                     substeps: int) -> List[int]:
+    """Tokens added in each expansion sub-step up to ``stage`` (0-based), as the official ``token_expansion``.
 
-    Seeds at a uniform stride, then ``substeps`` rounds that add the tokens least similar to the kept set.
+    Each stage up to the current one adds its own increment, int(n * (rate - previous rate)) (the last stage:
+    up to int(n * rate)), in ``substeps`` parts: ``increment // substeps``, the last part taking the rest.
+    """
+    increments = [rate - before for rate, before in zip(keep_rate, [init_keep_rate, *keep_rate[:-1]])]
+    counts = []
+    for i in range(stage + 1):
+        if i == len(keep_rate) - 1:
+            total = int(n * keep_rate[i]) - int(n * (init_keep_rate + sum(increments[:i])))
+        else:
+            total = int(n * increments[i])
+        part = total // substeps
+        counts += [part] * (substeps - 1) + [total - part * (substeps - 1)]
+    return counts
+
+
+def select_tokens(tokens: torch.Tensor, seed_idx: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """Indices [B, kept] (sorted) of the image tokens [B, N, C] that ToE's selector keeps.
+
+    The seeds, then one round per entry of ``counts`` adding that many tokens least similar (cosine) to the kept set.
     """
     b, n, _ = tokens.shape
-    seed_idx = seed_indices(n, keep, init_keep_rate, tokens.device)
-    seeds = len(seed_idx)
     chosen = torch.zeros(b, n, dtype=torch.bool, device=tokens.device)
     chosen[:, seed_idx] = True
     similarity = cosine(tokens, tokens)
-    for step in range(substeps):
-        target = seeds + math.ceil((keep - seeds) * (step + 1) / substeps)
-        missing = target - int(chosen[0].sum())
-        if missing <= 0:
+    for count in counts:
+        count = min(count, n - int(chosen[0].sum()))
+        if count <= 0:
             continue
         # a token's closeness to the kept set = its highest similarity to a kept token
         closeness = similarity.masked_fill(~chosen[:, None, :], -2).amax(dim=-1).masked_fill(chosen, 3)
-        chosen.scatter_(1, closeness.topk(missing, dim=-1, largest=False).indices, True)
-    return chosen.nonzero()[:, 1].view(b, keep)
+        chosen.scatter_(1, closeness.topk(count, dim=-1, largest=False).indices, True)
+    return chosen.nonzero()[:, 1].view(b, -1)
 
 
-def shrink(x: torch.Tensor, size: torch.Tensor, keep_rate: float, init_keep_rate: float, substeps: int,
-           prefix: int):
+def shrink(x: torch.Tensor, size: torch.Tensor, seed_idx: torch.Tensor, counts: Sequence[int], prefix: int):
     """Keep ToE's selection of image tokens; merge each left-out token (mean) into its most similar kept one.
 
     Returns (x, size, remap, kept): remap [B, old image tokens] is each old token's new index, kept [B, keep] the
     indices of the tokens kept as themselves (provenance, for token maps).
     """
     image, n = x[:, prefix:], x.shape[1] - prefix
-    keep = max(1, round(keep_rate * n))
+    kept_idx = select_tokens(image.detach(), seed_idx, counts)
+    keep = kept_idx.shape[1]
     if keep >= n:
         return x, size, None, None
-    kept_idx = select_tokens(image.detach(), keep, init_keep_rate, substeps)
     left = torch.ones(x.shape[0], n, dtype=torch.bool, device=x.device).scatter(1, kept_idx, False)
     left_idx = left.nonzero()[:, 1].view(x.shape[0], n - keep)
 
@@ -130,20 +147,22 @@ class ToEVisionTransformer:
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = embed(self, images)
         size = x.new_ones(x.shape[0], x.shape[1], 1)
-        keep_rate = self.keep_rate_in_force()
+        reducing = self.keep_rate_in_force() < 1
+        cfg, n = self.toe_cfg, x.shape[1] - self.num_prefix_tokens
         self.token_record = []
         for i, blk in enumerate(self.blocks):
             x = maybe_checkpoint(self, blk, x)
-            if i == 0 and keep_rate < 1:
-                x, size, remap, kept = shrink(x, size, keep_rate, self.toe_cfg['init_keep_rate'],
-                                              self.toe_cfg['substeps'], self.num_prefix_tokens)
+            if i == 0 and reducing:
+                seed_idx = seed_indices(n, cfg['init_keep_rate'], x.device)
+                counts = expansion_counts(n, cfg['keep_rate'], cfg['init_keep_rate'], self.toe_stage or 0,
+                                          cfg['substeps'])
+                x, size, remap, kept = shrink(x, size, seed_idx, counts, self.num_prefix_tokens)
                 if getattr(self, 'record_tokens', False) and remap is not None:
                     removed = torch.ones_like(remap, dtype=torch.bool).scatter_(1, kept, False)
                     seed = torch.zeros_like(removed)
-                    seed[:, seed_indices(seed.shape[1], kept.shape[1], self.toe_cfg['init_keep_rate'],
-                                         seed.device)] = True
+                    seed[:, seed_idx] = True
                     record(self, i, owner=remap, removed=removed, seed=seed)
-        return head(self, x, size if keep_rate < 1 else None)
+        return head(self, x, size if reducing else None)
 
 
 def apply(model: nn.Module, keep_rate: Sequence[float] = (0.5, 0.75, 1.0), steps: Sequence[float] = (0, 0.33, 0.67),
@@ -164,8 +183,9 @@ def add_args(group: argparse._ArgumentGroup) -> None:
                        help='ToE: keep rate of each stage')
     group.add_argument('--toe-steps', type=float, nargs='+', default=[0, 0.33, 0.67],
                        help='ToE: where each stage starts, as fractions of --epochs')
-    group.add_argument('--toe-init-keep-rate', type=float, default=0.25, help='ToE: tokens seeded at a uniform stride')
-    group.add_argument('--toe-substeps', type=int, default=2, help='ToE: expansion sub-steps per selection')
+    group.add_argument('--toe-init-keep-rate', type=float, default=0.25,
+                       help='ToE: share of tokens seeded (every int(1 // rate)-th)')
+    group.add_argument('--toe-substeps', type=int, default=2, help='ToE: sub-steps in which each stage adds its tokens')
 
 
 def cfg_from_args(args: argparse.Namespace) -> dict:

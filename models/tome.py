@@ -7,10 +7,11 @@ into them by a size-weighted average. Sizes (how many patches a token stands for
 proportional attention adds log(size) of each key to the attention logits, so a merged token counts as the
 tokens it replaced. Prefix tokens (class, registers, distillation) are never merged and stay in front.
 
-Settings (``method_cfg``): ``r`` tokens merged per block: an int, a per-block list, or ``(r, inflection)``
-spreading the same total linearly from r(1 - inflection) to r(1 + inflection) across the blocks, as in the
-official code; ``prop_attn`` proportional attention (default on, as the paper). Default r = 13, the paper's
-DeiT-S / ViT-S setting (-41 % MACs). r is capped per block at (tokens - prefix) // 2. ``configure(r=...)``
+Settings (``method_cfg``): ``r`` tokens merged per block, read as the official ``parse_r``: an int, a list
+(one value per block, missing blocks 0), or a tuple ``(r, inflection)`` spreading about the same total linearly
+from r(1 - inflection) to r(1 + inflection) across the blocks (-1: the paper's decreasing schedule);
+``prop_attn`` proportional attention (default on, as the paper). Default r = 13, the paper's DeiT-S / ViT-S
+setting (-41 % MACs). r is capped per block at (tokens - prefix) // 2. ``configure(r=...)``
 changes r between forwards; ``track_source=True`` records which patches each token stands for (token maps).
 """
 import argparse
@@ -27,15 +28,30 @@ SETTINGS = ('r', 'prop_attn', 'track_source')
 
 
 def per_block_r(r: RSetting, depth: int) -> List[int]:
-    """The number of tokens to merge in each of ``depth`` blocks."""
-    if isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[1], float):
-        base, inflection = r
-        low = int(base * (1 - inflection))
-        step = (2 * base - 2 * low) / max(depth - 1, 1)
-        return [int(low + step * i) for i in range(depth)]
-    if isinstance(r, (list, tuple)):
-        return list(r)[:depth] + [0] * max(depth - len(r), 0)
-    return [int(r)] * depth
+    """The number of tokens to merge in each of ``depth`` blocks: a list is per block, a tuple (r, inflection)."""
+    if isinstance(r, list):
+        return [int(v) for v in r[:depth]] + [0] * max(depth - len(r), 0)
+    base, inflection = r if isinstance(r, tuple) else (r, 0)
+    low = int(base * (1 - inflection))
+    step = (2 * base - 2 * low) / max(depth - 1, 1)
+    return [int(low + step * i) for i in range(depth)]
+
+
+def parse_r_flag(values) -> RSetting:
+    """``--tome-r`` values (strings from the command line, or a config file's int / list) as an r setting.
+
+    One value: ``13`` (every block) or ``13,-1`` (r, inflection); several: one r per block (``8 8 4 4``).
+    """
+    values = list(values) if isinstance(values, (list, tuple)) else [values]
+    try:
+        if len(values) == 1 and ',' in str(values[0]):
+            base, inflection = str(values[0]).split(',')
+            return int(base), float(inflection)
+        rs = [int(v) for v in values]
+    except ValueError:
+        raise ValueError(f"--tome-r {' '.join(map(str, values))}: give an int (13), one int per block (8 8 4 4) "
+                         f"or r,inflection (13,-1)") from None
+    return rs[0] if len(rs) == 1 else rs
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int) -> Callable:
@@ -111,7 +127,8 @@ class ToMeVisionTransformer:
             raise ValueError(f'unknown ToMe setting(s) {unknown}; ToMe takes {", ".join(SETTINGS)}')
         if 'r' in changes:
             r = changes['r']
-            r = tuple(r) if isinstance(r, list) and len(r) == 2 and isinstance(r[1], float) else r
+            if isinstance(r, tuple) and len(r) != 2:
+                raise ValueError(f'ToMe r as a tuple is (r, inflection), got {r}; pass a list for one r per block')
             if any(v < 0 for v in per_block_r(r, len(self.blocks))):
                 raise ValueError(f'ToMe r must be >= 0, got {r}')
             self.tome_r = r
@@ -153,10 +170,11 @@ def apply(model: nn.Module, r: RSetting = 13, prop_attn: bool = True, track_sour
 
 
 def add_args(group: argparse._ArgumentGroup) -> None:
-    group.add_argument('--tome-r', type=int, default=13, help='ToMe: tokens merged per block')
+    group.add_argument('--tome-r', nargs='+', default=['13'], metavar='R',
+                       help='ToMe: tokens merged per block: 13, one per block (8 8 4 4 ...), or r,inflection (13,-1)')
     group.add_argument('--tome-prop-attn', action=argparse.BooleanOptionalAction, default=True,
                        help='ToMe: proportional attention (log size bias)')
 
 
 def cfg_from_args(args: argparse.Namespace) -> dict:
-    return dict(r=args.tome_r, prop_attn=args.tome_prop_attn)
+    return dict(r=parse_r_flag(args.tome_r), prop_attn=args.tome_prop_attn)

@@ -82,3 +82,25 @@ def test_deit_small_macs_match_the_paper():
     model = build_model('deit_small_patch16_224', 'gtp', dict(num_prop=8), num_classes=10)
     macs, _ = count_macs(model, torch.randn(1, 3, 224, 224))
     assert abs(macs / 1e9 - 3.45) / 3.45 < 0.05
+
+
+def test_sparsity_keeps_weights_from_the_kth_smallest_as_the_official():
+    from models.gtp import sparse_attention
+    probs = torch.arange(1.0, 17.0).view(1, 1, 4, 4)
+    # k = int(16 * 0.25) = 4: the 4th smallest (4.0) is the threshold, weights >= it stay
+    assert (sparse_attention(probs, 0.25) > 0).sum().item() == 13
+
+
+def test_presets_are_the_official_readme_table():
+    import argparse
+    from models.gtp import preset
+    from models.registry import add_method_args, method_cfg_from_args
+    assert preset(8) == dict(num_prop=8, alpha=0.1, sparsity=pytest.approx(0.4))
+    assert preset(4) == dict(num_prop=4, alpha=0.4, sparsity=0.0)
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--method', default='gtp')
+    add_method_args(parser)
+    cfg = method_cfg_from_args(parser.parse_args(['--gtp-preset', '12', '--gtp-graph', 'spatial']))
+    assert (cfg['num_prop'], cfg['alpha'], cfg['graph']) == (12, 0.3, 'spatial')
+    with pytest.raises(ValueError, match='no preset'):
+        preset(15)

@@ -81,3 +81,12 @@ def test_loss_falls_on_a_learnable_task(method):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_registry_answers_for_every_method():
+    from models.registry import new_param_lr_scale, token_maps_in_training
+    for method in METHODS:
+        model = tiny('vit_tiny_patch16_224', method, ON[method])
+        assert token_maps_in_training(model) == (method == 'toe')
+        assert new_param_lr_scale(model) >= 1.0
+    assert new_param_lr_scale(tiny('vit_tiny_patch16_224')) == 1.0

@@ -4,7 +4,7 @@ import torch
 
 from conftest import TINY
 from models import build_model
-from models.toe import select_tokens
+from models.toe import expansion_counts, seed_indices, select_tokens
 
 SIXTY_FOUR = {**TINY, 'img_size': 64}
 
@@ -31,12 +31,22 @@ def test_last_stage_in_training_is_the_dense_model():
     assert (model(x) - dense(x)).abs().max() <= 1e-5
 
 
-def test_selector_seeds_uniformly_then_adds_the_least_similar():
+def test_selector_seeds_at_the_official_stride_then_adds_the_least_similar():
     tokens = torch.zeros(1, 8, 2)
     tokens[0, :, 0] = 1.0
     tokens[0, 5] = torch.tensor([0.0, 1.0])  # the odd one out
-    kept = select_tokens(tokens, keep=3, init_keep_rate=0.25, substeps=1)
-    assert kept.tolist() == [[0, 5, 7]]  # seeds 0 and 7 (stride), then the least similar token 5
+    seeds = seed_indices(8, 0.25, 'cpu')
+    assert seeds.tolist() == [0, 4]  # every int(1 // 0.25) = 4th token, int(8 * 0.25) = 2 of them
+    assert select_tokens(tokens, seeds, [1]).tolist() == [[0, 4, 5]]
+
+
+def test_expansion_sub_steps_follow_the_official_selector():
+    assert len(seed_indices(196, 0.25, 'cpu')) == 49
+    assert expansion_counts(196, [0.5, 0.75, 1.0], 0.25, stage=0, substeps=2) == [24, 25]
+    assert expansion_counts(196, [0.5, 0.75, 1.0], 0.25, stage=1, substeps=2) == [24, 25, 24, 25]
+    # per-increment int, not round: int(196 * 0.3) = 58 seeds, then int(196 * (0.6 - 0.3)) = 58 tokens
+    assert len(seed_indices(196, 0.3, 'cpu')) == 58
+    assert expansion_counts(196, [0.6, 0.8, 0.9], 0.3, stage=2, substeps=1) == [58, 39, 20]
 
 
 @pytest.mark.parametrize('epoch, stage', [(0, 0), (9.9, 0), (10, 1), (19.9, 1), (20.2, 2), (29, 2)])

@@ -79,3 +79,19 @@ def test_deit_small_macs_match_the_paper():
     tome_macs, _ = count_macs(tome, image)
     assert abs(dense_macs / 1e9 - 4.6) < 0.05
     assert abs(tome_macs / 1e9 - 2.7) / 2.7 < 0.05
+
+
+def test_r_forms_follow_the_official_parse_r_and_the_command_line():
+    import argparse
+    from models.registry import add_method_args, method_cfg_from_args
+    from utils.errors import UserError
+    assert per_block_r((13, 0), 12) == [13] * 12  # a 2-tuple is (r, inflection), not two blocks
+    assert per_block_r((13, -1), 12)[:3] == [26, 23, 21] and per_block_r((13, -1), 12)[-1] == 0
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--method', default='tome')
+    add_method_args(parser)
+    for flags, r in ((['--tome-r', '8'], 8), (['--tome-r', '8', '8', '4', '4'], [8, 8, 4, 4]),
+                     (['--tome-r', '13,-1'], (13, -1.0)), ([], 13)):
+        assert method_cfg_from_args(parser.parse_args(flags))['r'] == r
+    with pytest.raises(UserError, match='r,inflection'):
+        method_cfg_from_args(parser.parse_args(['--tome-r', '13,x']))

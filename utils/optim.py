@@ -4,11 +4,12 @@ import torch
 from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
 
 from models.factory import model_new_params
+from models.registry import new_param_lr_scale
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, layer_decay=None):
     new = set(model_new_params(model))
-    scale = getattr(model, 'new_param_lr_scale', 1.0)
+    scale = new_param_lr_scale(model)
     if not new or scale == 1.0:
         return create_optimizer_v2(model, opt='adamw', lr=lr, weight_decay=weight_decay, layer_decay=layer_decay)
 

@@ -1,8 +1,8 @@
 """Token maps: what a method did to the tokens, drawn on the user's own images.
 
-Methods record their provenance per block (``models.provenance``) when ``record_tokens`` is set, so it costs
-nothing otherwise. Owner maps (ToMe, GTP, MTViT, ToE) paint each group of patches that one token stands for in
-the group's mean colour with borders between groups; patches removed (GTP) or dropped (MTViT, ToE) are dimmed,
+Methods record their provenance per block (``models.provenance``) only inside ``models.registry.record_tokens``,
+so it costs nothing otherwise. Owner maps (ToMe, GTP, MTViT, ToE) paint each group of patches that one token
+stands for in the group's mean colour with borders between groups; patches removed (GTP) or dropped (MTViT, ToE) are dimmed,
 tinted with the colour of the token that took them in, if any; ToE's seed tokens carry a cyan dot, so the
 tokens kept without one are its expansions. Grain maps (DGE) lay green / yellow / red over
 the regions that got fine / medium / coarse queries. A dense model gets a note that no token is reduced.
@@ -20,25 +20,10 @@ import torch  # noqa: E402
 
 from datasets.images import load_rgb  # noqa: E402
 from datasets.transforms import eval_transform  # noqa: E402
-from models.registry import method_name, unwrap  # noqa: E402
+from models.registry import method_cfg, method_name, record_tokens, unwrap  # noqa: E402
 
 GRAIN_COLOURS = np.array([[0.1, 0.8, 0.2], [1.0, 0.85, 0.1], [0.9, 0.15, 0.1]])  # fine, medium, coarse
 SEED_COLOUR = np.array([0.0, 0.9, 1.0])
-
-
-@torch.no_grad()
-def record_tokens(model, images: torch.Tensor) -> List[dict]:
-    """Run ``images`` with provenance recording on; returns the model's per-block records."""
-    model = unwrap(model)
-    was_training = model.training
-    model.train(getattr(model, 'token_maps_in_training', False))  # ToE reduces tokens only in training
-    model.record_tokens = True
-    try:
-        model(images)
-        return list(getattr(model, 'token_record', []))
-    finally:
-        model.record_tokens = False
-        model.train(was_training)
 
 
 def owner_map(image: np.ndarray, owner: np.ndarray, removed: np.ndarray, grid, seed=None) -> np.ndarray:
@@ -106,7 +91,7 @@ def write_token_maps(model, files: Sequence[str], data_config: dict, out_dir, n:
     shown = np.clip(batch.permute(0, 2, 3, 1).cpu().numpy() * std + mean, 0, 1)
     patch = unwrap(model).patch_embed.patch_size
     grid = (batch.shape[-2] // patch[0], batch.shape[-1] // patch[1])
-    splits = unwrap(model).method_cfg.get('splits', ()) if records and 'grain' in records[0] else ()
+    splits = method_cfg(model).get('splits', ()) if records and 'grain' in records[0] else ()
     columns = 1 + max(len(records), 1)
     fig, axes = plt.subplots(len(files), columns, figsize=(2.6 * columns, 2.6 * len(files)), squeeze=False)
     for row, path in enumerate(files):
@@ -134,7 +119,7 @@ def write_token_maps(model, files: Sequence[str], data_config: dict, out_dir, n:
     legend = ' (green: fine, yellow: medium, red: coarse queries)' if splits else ''
     if records and 'seed' in records[0]:
         legend = ' (cyan dot: seed token; kept without a dot: expanded; dimmed: merged away)'
-    title = f'Token maps: {method_name(model)} {unwrap(model).method_cfg if records else ""}{legend}'
+    title = f'Token maps: {method_name(model)} {method_cfg(model) if records else ""}{legend}'
     fig.suptitle(textwrap.fill(title, width=int(12 * 2.6 * columns)), fontsize=9)  # ~12 characters per inch
     fig.tight_layout()
     fig.savefig(out_dir / 'token_maps.png', dpi=100)

@@ -41,8 +41,42 @@ def is_toolkit_checkpoint(ckpt: dict) -> bool:
     return ckpt.get('format') == TOOLKIT_FORMAT
 
 
+SIZE_NAMES = {192: 'tiny', 384: 'small', 768: 'base', 1024: 'large', 1280: 'huge'}  # timm's ViT widths
+
+
+def architecture(state: dict) -> dict:
+    """The shape of a ViT that its state dict shows: embed width, depth, patch size, MLP width (the number of
+    heads does not show: the fused qkv weight is the same for any)."""
+    state = state.get('model', state.get('state_dict', state))
+    arch = {}
+    if 'patch_embed.proj.weight' in state:
+        width, _, *patch = state['patch_embed.proj.weight'].shape
+        arch['embed width'] = width
+        arch['patch size'] = patch[0] if len(set(patch)) == 1 else 'x'.join(map(str, patch))
+    blocks = {k.split('.')[1] for k in state if k.startswith('blocks.')}
+    if blocks:
+        arch['depth'] = len(blocks)
+    if 'blocks.0.mlp.fc1.weight' in state:
+        arch['MLP width'] = state['blocks.0.mlp.fc1.weight'].shape[0]
+    return arch
+
+
+def architecture_difference(state: dict, own: dict, model_name: str = 'this model') -> str:
+    """One short line on how the ViT of ``state`` differs from ``own`` (a state dict), or ''."""
+    theirs, ours = architecture(state), architecture(own)
+    for key in ('embed width', 'depth', 'patch size', 'MLP width'):
+        if key in theirs and key in ours and theirs[key] != ours[key]:
+            size = SIZE_NAMES.get(theirs[key]) if key == 'embed width' else None
+            return (f"the file holds {key} {theirs[key]}{f' (a *_{size} model)' if size else ''}; "
+                    f"{model_name} has {ours[key]}")
+    return ''
+
+
 def _describe_mismatch(model: nn.Module, state: dict, allowed_missing=()) -> str:
     own = model.state_dict()
+    cause = architecture_difference(state, own)
+    if cause:
+        return cause
     wrong = [f'{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}'
              for k, v in state.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in state and not k.startswith(tuple(allowed_missing))]
@@ -58,8 +92,8 @@ def load_backbone_state(model: nn.Module, state: dict, source: str, allowed_miss
     """Load ``state`` into ``model`` strictly but for ``allowed_missing`` prefixes; explain misfits."""
     problem = _describe_mismatch(model, state, allowed_missing)
     if problem:
-        raise UserError(f"weights in '{source}' do not fit this model ({problem}); "
-                        f"check --model / --img-size against the file")
+        raise UserError(f"weights in '{source}' do not fit this model: {problem}; "
+                        f"check --model / --model-kwargs against the file")
     model.load_state_dict(state, strict=False)
 
 
@@ -96,8 +130,10 @@ def build_model(name: str, method: str = 'none', method_cfg: Optional[dict] = No
     except RuntimeError as err:
         if ckpt is None:
             raise
-        detail = ' '.join(line.strip() for line in str(err).splitlines()[1:3]) or str(err)
-        raise UserError(f"weights in '{pretrained}' do not fit model '{name}': {detail[:400]}; "
+        with torch.device('meta'):  # the shapes of the model asked for, without memory or time
+            own = timm.create_model(name, **kwargs).state_dict()
+        detail = architecture_difference(ckpt, own, name) or str(err).splitlines()[-1].strip()[:200]
+        raise UserError(f"weights in '{pretrained}' do not fit model '{name}': {detail}; "
                         f"pass the --model these weights were made for") from None
     except (KeyError, AssertionError) as err:  # timm's filters raise these on foreign state dicts
         if ckpt is None:

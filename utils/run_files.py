@@ -12,7 +12,7 @@ def setup_logging(run_dir, is_main: bool) -> None:
     """Console (and ``train.log`` in the run folder) on the main process; warnings only elsewhere."""
     handlers = [logging.StreamHandler()]
     if is_main and run_dir is not None:
-        handlers.append(logging.FileHandler(Path(run_dir) / 'train.log'))
+        handlers.append(logging.FileHandler(Path(run_dir) / 'train.log', errors='backslashreplace'))
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format='%(message)s',
                         handlers=handlers, force=True)
 
@@ -38,14 +38,14 @@ def write_class_indices(path, classes: List[str]) -> None:
 
 
 def write_file_list(path, samples: Iterable[Tuple[str, int]], classes: List[str]) -> None:
-    with Path(path).open('w', newline='') as f:
+    with Path(path).open('w', newline='', errors='surrogateescape') as f:  # non-UTF-8 names as their bytes
         writer = csv.writer(f)
         writer.writerow(['file', 'class'])
         writer.writerows((p, classes[t]) for p, t in samples)
 
 
 def write_skipped(path, skipped: Iterable[Tuple[str, str]]) -> None:
-    with Path(path).open('w', newline='') as f:
+    with Path(path).open('w', newline='', errors='surrogateescape') as f:  # non-UTF-8 names as their bytes
         writer = csv.writer(f)
         writer.writerow(['file', 'reason'])
         writer.writerows(skipped)

@@ -101,13 +101,13 @@ def train(args) -> Path:
 def _train(args, info: DistInfo) -> Path:
     device = info.device
     seed_everything(args.seed + info.rank)
-    if args.data_root is None:
+    if args.data_root is None and args.train_dir is None:
         args.data_root = str(make_demo_dataset(DEMO_ROOT)) if info.is_main else str(DEMO_ROOT)
         barrier()
     run_dir = resolve_run_dir(args, info)
     run_files.setup_logging(run_dir, info.is_main)
 
-    split = make_split(args.data_root, args.val_split, args.seed)
+    split = make_split(args.data_root, args.val_split, args.seed, args.train_dir, args.val_dir)
     classes = split.classes
     if args.nb_classes is not None and args.nb_classes != len(classes):
         raise UserError(f"--nb-classes {args.nb_classes} but '{args.data_root}' has {len(classes)} class "

@@ -45,14 +45,12 @@ SIZE_NAMES = {192: 'tiny', 384: 'small', 768: 'base', 1024: 'large', 1280: 'huge
 
 
 def architecture(state: dict) -> dict:
-    """The shape of a ViT that its state dict shows: embed width, depth, patch size, MLP width (the number of
-    heads does not show: the fused qkv weight is the same for any)."""
+    """The shape of a ViT that its state dict shows: embed width, depth, MLP width. (The number of heads does
+    not show, the fused qkv weight is the same for any; another patch size is resampled by timm.)"""
     state = state.get('model', state.get('state_dict', state))
     arch = {}
     if 'patch_embed.proj.weight' in state:
-        width, _, *patch = state['patch_embed.proj.weight'].shape
-        arch['embed width'] = width
-        arch['patch size'] = patch[0] if len(set(patch)) == 1 else 'x'.join(map(str, patch))
+        arch['embed width'] = state['patch_embed.proj.weight'].shape[0]
     blocks = {k.split('.')[1] for k in state if k.startswith('blocks.')}
     if blocks:
         arch['depth'] = len(blocks)
@@ -64,7 +62,7 @@ def architecture(state: dict) -> dict:
 def architecture_difference(state: dict, own: dict, model_name: str = 'this model') -> str:
     """One short line on how the ViT of ``state`` differs from ``own`` (a state dict), or ''."""
     theirs, ours = architecture(state), architecture(own)
-    for key in ('embed width', 'depth', 'patch size', 'MLP width'):
+    for key in ('embed width', 'depth', 'MLP width'):
         if key in theirs and key in ours and theirs[key] != ours[key]:
             size = SIZE_NAMES.get(theirs[key]) if key == 'embed width' else None
             return (f"the file holds {key} {theirs[key]}{f' (a *_{size} model)' if size else ''}; "
@@ -123,6 +121,12 @@ def build_model(name: str, method: str = 'none', method_cfg: Optional[dict] = No
     ckpt = read_checkpoint(pretrained) if pretrained else None
     try:
         if ckpt is not None and not is_toolkit_checkpoint(ckpt):
+            with torch.device('meta'):  # the shapes of the model asked for, without memory or time
+                own = timm.create_model(name, **kwargs).state_dict()
+            cause = architecture_difference(ckpt, own, name)  # timm would load another depth half-way, silently
+            if cause:
+                raise UserError(f"weights in '{pretrained}' do not fit model '{name}': {cause}; "
+                                f"pass the --model these weights were made for")
             model = timm.create_model(name, pretrained=True,
                                       pretrained_cfg_overlay=dict(file=os.path.abspath(pretrained)), **kwargs)
         else:
@@ -130,9 +134,7 @@ def build_model(name: str, method: str = 'none', method_cfg: Optional[dict] = No
     except RuntimeError as err:
         if ckpt is None:
             raise
-        with torch.device('meta'):  # the shapes of the model asked for, without memory or time
-            own = timm.create_model(name, **kwargs).state_dict()
-        detail = architecture_difference(ckpt, own, name) or str(err).splitlines()[-1].strip()[:200]
+        detail = str(err).splitlines()[-1].strip()[:200]
         raise UserError(f"weights in '{pretrained}' do not fit model '{name}': {detail}; "
                         f"pass the --model these weights were made for") from None
     except (KeyError, AssertionError) as err:  # timm's filters raise these on foreign state dicts

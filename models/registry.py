@@ -98,6 +98,8 @@ def method_cfg_from_given(args: argparse.Namespace, given) -> dict:
             raise ValueError(f"{named} only count with --method; add --method {' / '.join(methods)}")
         raise ValueError(f"{named} belong to --method {' / '.join(methods)}, not {args.method}; drop them or "
                          f"change --method")
+    if args.method is None:
+        return {}
     unset = object()  # stands for every flag not given, so the keys it fills are left out
     layered = argparse.Namespace(**{**vars(args), **{dest: unset for dest in flags if dest not in given}})
     return {k: v for k, v in method_cfg_from_args(layered).items() if v is not unset}

@@ -36,6 +36,11 @@ def safe_name(name: str) -> str:
     return "'" + name if name.startswith(FORMULA_START) else name
 
 
+def plot_text(name: str) -> str:
+    """A name as plot text: bytes of a non-UTF-8 file name (surrogate escapes) shown as U+FFFD."""
+    return name.encode('utf-8', 'surrogateescape').decode('utf-8', 'replace')
+
+
 def read_name(cell: str) -> str:
     """The name ``safe_name`` wrote into a cell."""
     return cell[1:] if cell.startswith("'") else cell
@@ -69,7 +74,7 @@ def plot_confusion(cm: np.ndarray, names: List[str], path: Path, normalized: boo
     fig, ax = plt.subplots(figsize=(side + 1, side))
     im = ax.imshow(values, cmap='Blues', vmin=0, vmax=1 if normalized else None)
     fig.colorbar(im, ax=ax, fraction=0.046)
-    labels = [names[i] for i in shown]
+    labels = [plot_text(names[i]) for i in shown]
     ax.set_xticks(range(len(shown)), labels, rotation=90 if len(shown) > 6 else 0, fontsize=8)
     ax.set_yticks(range(len(shown)), labels, fontsize=8)
     ax.set_xlabel('predicted')
@@ -104,13 +109,13 @@ def plot_curves(probs, targets, names, present, kind: str, path: Path) -> dict:
     curves = per_class_curves(probs, targets, [1] if binary else present, kind)
     fig, ax = plt.subplots(figsize=(7, 6))
     drawn = sorted(curves, key=lambda c: curves[c][2])
-    title = ('ROC' if kind == 'roc' else 'Precision-recall') + (f' ({names[1]} as positive)' if binary else '')
+    title = ('ROC' if kind == 'roc' else 'Precision-recall') + (f' ({plot_text(names[1])} as positive)' if binary else '')
     if len(drawn) > MAX_CURVES:
         drawn = drawn[:MAX_CURVES]
         title += f': the {MAX_CURVES} worst of {len(curves)} classes + averages'
     for c in drawn:
         x, y, score = curves[c]
-        ax.plot(x, y, lw=1.2, label=f"{names[c]} ({'AUC' if kind == 'roc' else 'AP'} {score:.3f})")
+        ax.plot(x, y, lw=1.2, label=f"{plot_text(names[c])} ({'AUC' if kind == 'roc' else 'AP'} {score:.3f})")
     if not binary and curves:
         onehot = np.eye(len(names))[targets][:, present]
         scores = probs[:, present]
@@ -155,7 +160,7 @@ def plot_mistakes(table: pd.DataFrame, path: Path) -> int:
         axes[0, 0].text(0, 0.5, 'No misclassified images.', fontsize=14)
     for ax, (_, r) in zip(axes.ravel(), shown.iterrows()):
         ax.imshow(load_rgb(r['file']))
-        ax.set_title(f"true: {r['true']}\npred: {r['predicted']} ({r['confidence']:.2f})", fontsize=8, color='darkred')
+        ax.set_title(f"true: {plot_text(r['true'])}\npred: {plot_text(r['predicted'])} ({r['confidence']:.2f})", fontsize=8, color='darkred')
     fig.suptitle(f'Most confident mistakes ({len(shown)} of {len(wrong)})', fontsize=11)
     _save(fig, path)
     return len(wrong)

@@ -23,6 +23,7 @@ from datasets.images import try_load_rgb  # noqa: E402
 from datasets.transforms import eval_transform  # noqa: E402
 from models.registry import method_name, unwrap  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.report import plot_text  # noqa: E402
 
 GRAIN_COLOURS = np.array([[0.1, 0.8, 0.2], [1.0, 0.85, 0.1], [0.9, 0.15, 0.1]])  # fine, medium, coarse
 SEED_COLOUR = np.array([0.0, 0.9, 1.0])
@@ -117,7 +118,7 @@ def write_token_maps(model, files: Sequence[str], data_config: dict, out_dir, n:
     columns = 1 + max(len(records), 1)
     fig, axes = plt.subplots(len(files), columns, figsize=(2.6 * columns, 2.6 * len(files)), squeeze=False)
     for row, path in enumerate(files):
-        panels = [(shown[row], Path(path).name[:28])]
+        panels = [(shown[row], plot_text(Path(path).name[:28]))]
         for entry in records:
             view = {k: v[row].numpy() if torch.is_tensor(v) else v for k, v in entry.items()}
             picture = grain_map(shown[row], view['grain'], splits, grid) if 'grain' in view else owner_map(

@@ -95,8 +95,8 @@ def method_cfg_from_given(args: argparse.Namespace, given) -> dict:
         methods = sorted({name for name, _ in foreign})
         named = ', '.join(flag for _, flag in foreign)
         if args.method is None:
-            raise ValueError(f"{named} only count with --method; add --method {' / '.join(methods)}")
-        raise ValueError(f"{named} belong to --method {' / '.join(methods)}, not {args.method}; drop them or "
+            raise ValueError(f"{named}: method flags need their --method; add --method {' / '.join(methods)}")
+        raise ValueError(f"{named}: not for --method {args.method} but {' / '.join(methods)}; drop them or "
                          f"change --method")
     if args.method is None:
         return {}

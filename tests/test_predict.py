@@ -176,7 +176,7 @@ def test_method_flags_count_when_given_at_their_default(run, tmp_path, capsys):
     assert 'add --method tome' in capsys.readouterr().err
     assert predict.main(['--weights', str(tmp_path / 'tome.pth'), '--data-root', str(data), '--method', 'tome',
                          '--gtp-num-prop', '4']) == 2
-    assert '--gtp-num-prop belong to --method gtp' in capsys.readouterr().err
+    assert '--gtp-num-prop: not for --method tome but gtp' in capsys.readouterr().err
 
 
 def test_two_class_model_on_data_of_one_class(tmp_path):

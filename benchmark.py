@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
+from datasets.images import try_load_rgb
 from models.registry import available_methods
 from utils.benchmark import (BenchConfig, ModelSource, input_images, markdown_table, parse_sweep, run_rows,
                              stack_token_maps, write_outputs)
 from utils.config import parse_key_values
 from utils.distributed import pick_device
-from utils.errors import UserError
+from utils.errors import UserError, run_cli
 from utils.profiling import machine_description
 
 
@@ -50,12 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
-        run(args)
-    except (UserError, ValueError) as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: run(args))
 
 
 def run(args) -> None:
@@ -90,8 +86,8 @@ def run(args) -> None:
     print(header)
     images = input_images(cfg, files, checkpoint['data_config'] if files else None)
     out_dir = Path(args.output_dir or Path('runs') / f"benchmark-{time.strftime('%Y%m%d-%H%M%S')}")
-    if args.token_maps and not Path(args.token_maps).is_file():
-        raise UserError(f"--token-maps: '{args.token_maps}' is not an image file")
+    if args.token_maps and (not Path(args.token_maps).is_file() or try_load_rgb(args.token_maps) is None):
+        raise UserError(f"--token-maps: '{args.token_maps}' is not an image file that can be read")
     table = run_rows(settings, ModelSource(cfg, checkpoint), cfg, images, evaluate, args.token_maps, out_dir)
     write_outputs(table, header, out_dir, 'top1' if evaluate else None)
     if args.token_maps:

@@ -11,10 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 
-from models.registry import METHODS, add_method_args, method_cfg_from_args
-from utils.errors import UserError
+from models.registry import METHODS, add_method_args, method_cfg_from_given
+from utils.errors import UserError, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -36,13 +35,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def method_override(parser, args):
-    """(method, cfg) to apply instead of the checkpoint's, or (None, None); only flags given count."""
-    if args.method is None:
-        return None, None
-    full = method_cfg_from_args(args)
-    defaults = method_cfg_from_args(parser.parse_args(['--weights', 'x', '--images', 'x', '--method', args.method]))
-    return args.method, {k: v for k, v in full.items() if v != defaults[k]} or None
+def given_flags(argv) -> set:
+    """Destinations of the flags on the command line, whatever their value (a default given counts)."""
+    parser = get_args_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def method_override(args, given: set):
+    """(method, cfg) to apply instead of the checkpoint's, or (None, None); only the flags given count."""
+    cfg = method_cfg_from_given(args, given)
+    return (args.method, cfg or None) if args.method else (None, None)
 
 
 def image_files(paths):
@@ -66,10 +70,12 @@ def default_output(weights: str, name: str) -> Path:
 
 
 def run_labelled(args, method, cfg, device) -> None:
-    from datasets.folder import scan_classes
+    from datasets.folder import labelled_root, scan_classes
     from utils.predictor import write_report
-    from utils.report import resolve_labelled_root
-    root = resolve_labelled_root(args.data_root)
+    from utils.report import read_report_csv
+    root = labelled_root(args.data_root)
+    if root != Path(args.data_root):
+        print(f"scoring '{root}', the validation split of '{args.data_root}'")
     scan = scan_classes(root)
     if not scan.samples:
         raise UserError(f"no readable images in class folders under '{root}'; expected {root}/<class>/<image>")
@@ -81,7 +87,7 @@ def run_labelled(args, method, cfg, device) -> None:
         picked = scan.samples[::max(1, len(scan.samples) // args.n_visualization)][:args.n_visualization]
         draw_token_maps(args, method, cfg, device, [p for p, _ in picked], out)
         add_plot(out, 'Token maps', 'token_maps.png')
-    table = pd.read_csv(out / 'per_class_report.csv', index_col=0)
+    table = read_report_csv(out / 'per_class_report.csv')
     print(table.to_string(float_format=lambda v: f'{v:.4f}'))
     print(f"accuracy {summary['accuracy'] * 100:.2f}% on {summary['images']} images "
           f"(top-{summary['top_k']} {summary['top_k_accuracy'] * 100:.2f}%), {summary['skipped_files']} skipped; "
@@ -92,7 +98,7 @@ def run_images(args, method, cfg, device) -> None:
     from datasets.images import check_image
     from utils.checkpoint import load_for_inference
     from utils.predictor import predict
-    from utils.report import predictions_table
+    from utils.report import predictions_table, write_predictions
     files = image_files(args.images)
     bad = [(f, why) for f in files if (why := check_image(Path(f)))]
     for f, why in bad:
@@ -102,6 +108,8 @@ def run_images(args, method, cfg, device) -> None:
         raise UserError('none of the --images could be read')
     model, meta = load_for_inference(args.weights, device, method, cfg)
     result = predict(model, [(f, -1) for f in good], meta['data_config'], device, args.batch_size, args.workers)
+    if not result.paths:
+        raise UserError(f'none of the {len(files)} --images could be decoded (truncated or corrupt files)')
     names = meta['class_names']
     k = min(args.topk, len(names))
     for path, p in zip(result.paths, result.probs):
@@ -109,8 +117,8 @@ def run_images(args, method, cfg, device) -> None:
         print(f"{path}: " + ', '.join(f'{names[i]} {p[i]:.3f}' for i in top))
     out = Path(args.output_dir) if args.output_dir else default_output(args.weights, 'images')
     out.mkdir(parents=True, exist_ok=True)
-    predictions_table(result.probs, result.targets, result.paths, names).drop(columns=['true']).to_csv(
-        out / 'predictions.csv', index=False)
+    write_predictions(predictions_table(result.probs, result.targets, result.paths, names).drop(columns=['true']),
+                      out / 'predictions.csv')
     if args.token_maps:
         draw_token_maps(args, method, cfg, device, result.paths[:args.n_visualization], out)
     print(f"{len(result.paths)} images classified, {len(bad) + len(result.failed)} skipped; {out / 'predictions.csv'}")
@@ -124,17 +132,13 @@ def draw_token_maps(args, method, cfg, device, files, out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    try:
+    args = get_args_parser().parse_args(argv)
+
+    def run():
         from utils.distributed import pick_device
-        device = pick_device(args.device)
-        method, cfg = method_override(parser, args)
-        (run_labelled if args.data_root else run_images)(args, method, cfg, device)
-    except (UserError, ValueError) as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
-    return 0
+        method, cfg = method_override(args, given_flags(argv))
+        (run_labelled if args.data_root else run_images)(args, method, cfg, pick_device(args.device))
+    return run_cli(run)
 
 
 if __name__ == '__main__':

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from models.registry import METHODS, add_method_args, method_cfg_from_args
 from utils.config import load_yaml, parse_key_values, parse_layered
-from utils.errors import UserError
+from utils.errors import run_cli
 
 # Without --data-root the built-in demo runs; these settings (under any flag you give) let a ViT learn its
 # 64-px pictures from scratch in a few minutes on a CPU.
@@ -28,7 +28,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--config', help='YAML file of flag: value pairs (command-line flags win)')
     g = p.add_argument_group('data')
     g.add_argument('--data-root', help='folder with one sub-folder of images per class, or with train/ and '
-                                       'val/; default: the built-in demo dataset (made once under data/demo)')
+                                       'val/ (or validation/, valid/, test/); default: the built-in demo dataset '
+                                       '(made once under data/demo)')
+    g.add_argument('--train-dir', help='folder of training class folders, for any other layout (relative to '
+                                       '--data-root when given); alone, it is split by --val-split')
+    g.add_argument('--val-dir', help='folder of validation class folders (with --train-dir)')
     g.add_argument('--nb-classes', type=int, help='expected number of classes (a check; the folders decide)')
     g.add_argument('--val-split', type=float, default=0.2, help='validation fraction when there is no val/')
     g.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1),
@@ -107,7 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         layers.append(resume_layer(first.resume, parser))
     if first.config:
         layers.append(load_yaml(first.config))
-    if first.data_root is None and not any(layer.get('data_root') for layer in layers):
+    if not any(source.get(key) for source in (vars(first), *layers) for key in ('data_root', 'train_dir')):
         layers.insert(0, DEMO_SETTINGS)
     args = parse_layered(parser, argv, *layers) if layers else first
     args.resume = first.resume
@@ -119,16 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    try:
-        from utils.trainer import train
-        train(parse_args(argv))
-    except UserError as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print('interrupted: last.pth holds the last finished epoch', file=sys.stderr)
-        return 130
-    return 0
+    from utils.trainer import train
+    return run_cli(lambda: train(parse_args(argv)), 'interrupted: last.pth holds the last finished epoch')
 
 
 if __name__ == '__main__':

@@ -1,8 +1,18 @@
-"""Opening any image a user may have as 8-bit RGB: grayscale, palette, RGBA and 16-bit included."""
-import numpy as np
-from PIL import Image
+"""Opening any image a user may have as 8-bit RGB, upright: grayscale, palette, RGBA, 16-bit, EXIF-rotated.
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+``load_rgb`` is the one place images are read (training, prediction, report, benchmark, token maps).
+"""
+import logging
+from typing import Optional
+
+import numpy as np
+from PIL import Image, ImageOps
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+log = logging.getLogger(__name__)
+
+# torchvision's list plus the other formats people keep photos in that Pillow reads natively
+IMAGE_EXTENSIONS = tuple(IMG_EXTENSIONS) + ('.gif', '.jfif', '.jpe')
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -20,10 +30,22 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_rgb(path) -> Image.Image:
-    """Read ``path`` fully (so truncation shows here) and return it as RGB."""
+    """Read ``path`` fully (so truncation shows here), turn it upright by its EXIF orientation, as RGB.
+
+    An animated file (GIF, WebP) gives its first frame.
+    """
     with Image.open(path) as img:
         img.load()
-        return to_rgb(img)
+        return to_rgb(ImageOps.exif_transpose(img))
+
+
+def try_load_rgb(path) -> Optional[Image.Image]:
+    """``load_rgb``, or None with a warning naming the file when it fails to decode (truncated, corrupt)."""
+    try:
+        return load_rgb(path)
+    except Exception as err:  # truncated or corrupt data only shows when decoded; PIL raises many types
+        log.warning('skipping %s: cannot decode (%s)', path, type(err).__name__)
+        return None
 
 
 def check_image(path) -> str:

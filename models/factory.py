@@ -41,8 +41,40 @@ def is_toolkit_checkpoint(ckpt: dict) -> bool:
     return ckpt.get('format') == TOOLKIT_FORMAT
 
 
+SIZE_NAMES = {192: 'tiny', 384: 'small', 768: 'base', 1024: 'large', 1280: 'huge'}  # timm's ViT widths
+
+
+def architecture(state: dict) -> dict:
+    """The shape of a ViT that its state dict shows: embed width, depth, MLP width. (The number of heads does
+    not show, the fused qkv weight is the same for any; another patch size is resampled by timm.)"""
+    state = state.get('model', state.get('state_dict', state))
+    arch = {}
+    if 'patch_embed.proj.weight' in state:
+        arch['embed width'] = state['patch_embed.proj.weight'].shape[0]
+    blocks = {k.split('.')[1] for k in state if k.startswith('blocks.')}
+    if blocks:
+        arch['depth'] = len(blocks)
+    if 'blocks.0.mlp.fc1.weight' in state:
+        arch['MLP width'] = state['blocks.0.mlp.fc1.weight'].shape[0]
+    return arch
+
+
+def architecture_difference(state: dict, own: dict, model_name: str = 'this model') -> str:
+    """One short line on how the ViT of ``state`` differs from ``own`` (a state dict), or ''."""
+    theirs, ours = architecture(state), architecture(own)
+    for key in ('embed width', 'depth', 'MLP width'):
+        if key in theirs and key in ours and theirs[key] != ours[key]:
+            size = SIZE_NAMES.get(theirs[key]) if key == 'embed width' else None
+            return (f"the file holds {key} {theirs[key]}{f' (a *_{size} model)' if size else ''}; "
+                    f"{model_name} has {ours[key]}")
+    return ''
+
+
 def _describe_mismatch(model: nn.Module, state: dict, allowed_missing=()) -> str:
     own = model.state_dict()
+    cause = architecture_difference(state, own)
+    if cause:
+        return cause
     wrong = [f'{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}'
              for k, v in state.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in state and not k.startswith(tuple(allowed_missing))]
@@ -58,8 +90,8 @@ def load_backbone_state(model: nn.Module, state: dict, source: str, allowed_miss
     """Load ``state`` into ``model`` strictly but for ``allowed_missing`` prefixes; explain misfits."""
     problem = _describe_mismatch(model, state, allowed_missing)
     if problem:
-        raise UserError(f"weights in '{source}' do not fit this model ({problem}); "
-                        f"check --model / --img-size against the file")
+        raise UserError(f"weights in '{source}' do not fit this model: {problem}; "
+                        f"check --model / --model-kwargs against the file")
     model.load_state_dict(state, strict=False)
 
 
@@ -89,6 +121,12 @@ def build_model(name: str, method: str = 'none', method_cfg: Optional[dict] = No
     ckpt = read_checkpoint(pretrained) if pretrained else None
     try:
         if ckpt is not None and not is_toolkit_checkpoint(ckpt):
+            with torch.device('meta'):  # the shapes of the model asked for, without memory or time
+                own = timm.create_model(name, **kwargs).state_dict()
+            cause = architecture_difference(ckpt, own, name)  # timm would load another depth half-way, silently
+            if cause:
+                raise UserError(f"weights in '{pretrained}' do not fit model '{name}': {cause}; "
+                                f"pass the --model these weights were made for")
             model = timm.create_model(name, pretrained=True,
                                       pretrained_cfg_overlay=dict(file=os.path.abspath(pretrained)), **kwargs)
         else:
@@ -96,8 +134,8 @@ def build_model(name: str, method: str = 'none', method_cfg: Optional[dict] = No
     except RuntimeError as err:
         if ckpt is None:
             raise
-        detail = ' '.join(line.strip() for line in str(err).splitlines()[1:3]) or str(err)
-        raise UserError(f"weights in '{pretrained}' do not fit model '{name}': {detail[:400]}; "
+        detail = str(err).splitlines()[-1].strip()[:200]
+        raise UserError(f"weights in '{pretrained}' do not fit model '{name}': {detail}; "
                         f"pass the --model these weights were made for") from None
     except (KeyError, AssertionError) as err:  # timm's filters raise these on foreign state dicts
         if ckpt is None:

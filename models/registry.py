@@ -86,6 +86,38 @@ def method_cfg_from_args(args: argparse.Namespace) -> dict:
         raise UserError(str(err)) from None
 
 
+def method_flags() -> Dict[str, tuple]:
+    """{flag destination: (method, flag)} of every method's flags."""
+    flags = {}
+    for name in available_methods():
+        module = method_module(name)
+        if module is not None:
+            parser = argparse.ArgumentParser(add_help=False)
+            module.add_args(parser)
+            flags.update({a.dest: (name, a.option_strings[0]) for a in parser._actions})
+    return flags
+
+
+def method_cfg_from_given(args: argparse.Namespace, given) -> dict:
+    """The ``method_cfg`` keys that the method flags in ``given`` (destinations of the flags on the command
+    line) set for ``args.method``, whatever their value; a method flag without its ``--method`` is refused."""
+    flags = method_flags()
+    used = sorted(dest for dest in given if dest in flags)
+    foreign = [flags[dest] for dest in used if flags[dest][0] != args.method]
+    if foreign:
+        methods = sorted({name for name, _ in foreign})
+        named = ', '.join(flag for _, flag in foreign)
+        if args.method is None:
+            raise ValueError(f"{named}: method flags need their --method; add --method {' / '.join(methods)}")
+        raise ValueError(f"{named}: not for --method {args.method} but {' / '.join(methods)}; drop them or "
+                         f"change --method")
+    if args.method is None:
+        return {}
+    unset = object()  # stands for every flag not given, so the keys it fills are left out
+    layered = argparse.Namespace(**{**vars(args), **{dest: unset for dest in flags if dest not in given}})
+    return {k: v for k, v in method_cfg_from_args(layered).items() if v is not unset}
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside DDP / torch.compile wrappers."""
     while True:

@@ -79,3 +79,20 @@ def test_with_data_rows_are_measured_on_the_data_images(tmp_path):
     assert images.shape == (8, 3, 32, 32)
     assert (images[0] - eval_transform(data_config)(load_rgb(first))).abs().max() == 0
     assert input_images(cfg).shape == (8, 3, 32, 32)  # random images without data
+
+
+def test_images_that_fail_to_decode_are_skipped_or_refused(tmp_path, caplog):
+    from PIL import Image
+    from utils.benchmark import BenchConfig, input_images
+    from utils.errors import UserError
+    data = make_image_folder(tmp_path / 'data', classes=('checker',), per_class=2)
+    Image.open(data / 'checker' / '000.png').save(tmp_path / 'whole.jpg')
+    (data / 'checker' / 'cut.jpg').write_bytes((tmp_path / 'whole.jpg').read_bytes()[:-100])  # decodes, then fails
+    cfg = BenchConfig('vit_tiny_patch16_224', 32, batch_size=3, mac_images=1)
+    data_config = dict(input_size=(3, 32, 32), interpolation='bicubic', mean=(0.5,) * 3, std=(0.5,) * 3,
+                       crop_pct=1.0)
+    files = sorted(str(p) for p in (data / 'checker').iterdir())
+    assert input_images(cfg, files, data_config).shape == (2, 3, 32, 32)
+    assert 'cut.jpg' in caplog.text
+    with pytest.raises(UserError, match='none of the 1 images'):
+        input_images(cfg, [str(data / 'checker' / 'cut.jpg')], data_config)

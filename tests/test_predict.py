@@ -160,3 +160,54 @@ def test_binary_and_many_classes_stay_readable(n_classes, tmp_path):
         assert np.isnan(table.loc['class_000', 'roc_auc'])
     else:
         assert len(pd.read_csv(tmp_path / 'r' / 'confusion_matrix.csv', index_col=0)) == n_classes
+
+
+def test_method_flags_count_when_given_at_their_default(run, tmp_path, capsys):
+    run_dir, data = run
+    ckpt = torch.load(run_dir / 'best.pth', weights_only=True)
+    ckpt.update(method='tome', method_cfg=dict(r=2, prop_attn=True))  # a ToMe r=2 checkpoint (no new weights)
+    torch.save(ckpt, tmp_path / 'tome.pth')
+    for extra, r in (([], 2), (['--tome-r', '13'], 13)):  # 13 is the flag's default
+        out = tmp_path / f'r{r}'
+        assert predict.main(['--weights', str(tmp_path / 'tome.pth'), '--data-root', str(data), '--method', 'tome',
+                             *extra, '--output-dir', str(out), '--workers', '0']) == 0
+        assert json.loads((out / 'summary.json').read_text())['method_cfg']['r'] == r
+    assert predict.main(['--weights', str(tmp_path / 'tome.pth'), '--data-root', str(data), '--tome-r', '4']) == 2
+    assert 'add --method tome' in capsys.readouterr().err
+    assert predict.main(['--weights', str(tmp_path / 'tome.pth'), '--data-root', str(data), '--method', 'tome',
+                         '--gtp-num-prop', '4']) == 2
+    assert '--gtp-num-prop: not for --method tome but gtp' in capsys.readouterr().err
+
+
+def test_two_class_model_on_data_of_one_class(tmp_path):
+    from PIL import Image
+    img = tmp_path / 'x.png'
+    Image.new('RGB', (8, 8)).save(img)
+    probs = np.random.default_rng(0).dirichlet([1, 1], 6)
+    context = dict(checkpoint='c', model='m', method='none', method_cfg={}, images_per_s=1.0)
+    for only in (0, 1):
+        out = tmp_path / f'only{only}'
+        summary = write_labelled_report(probs, np.full(6, only), [str(img)] * 6, ['cat', 'dog'], out, context)
+        assert summary['macro_auc'] is None and summary['images'] == 6
+        assert 'one class only' in (out / 'report.html').read_text()
+        assert np.isnan(pd.read_csv(out / 'per_class_report.csv', index_col=0).loc[['cat', 'dog'][only], 'roc_auc'])
+
+
+def test_truncated_images_are_skipped_or_refused(run, tmp_path, capsys, caplog):
+    run_dir, data = run
+    from PIL import Image
+    Image.open(data / 'checker' / '000.png').save(tmp_path / 'whole.jpg')
+    good = (tmp_path / 'whole.jpg').read_bytes()
+    for i in range(2):  # a JPEG's header reads fine; the truncation shows only when decoded
+        (tmp_path / f"cut{i}.jpg").write_bytes(good[: len(good) * 9 // 10])
+    assert predict.main(['--weights', str(run_dir / 'best.pth'), '--images', str(tmp_path / 'cut0.jpg'),
+                         str(tmp_path / 'cut1.jpg'), '--workers', '0', '--output-dir', str(tmp_path / 'o')]) == 2
+    err = capsys.readouterr().err
+    assert 'error: none of the 2 --images could be decoded' in err and 'Traceback' not in err
+    from utils.checkpoint import load_for_inference
+    from utils.token_maps import write_token_maps
+    model, meta = load_for_inference(run_dir / 'best.pth', method='tome', method_cfg=dict(r=2))
+    files = [str(tmp_path / 'cut0.jpg'), str(data / 'checker' / '000.png')]
+    write_token_maps(model, files, meta['data_config'], tmp_path / 'maps')
+    assert [p.name for p in (tmp_path / 'maps' / 'token_maps').iterdir()] == ['000_000.png']
+    assert 'skipping' in caplog.text and 'cut0.jpg' in caplog.text

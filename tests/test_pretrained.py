@@ -41,3 +41,24 @@ def test_toolkit_checkpoint_as_pretrained_keeps_its_head(tmp_path, source):
     save_atomic(make_checkpoint(meta, trained.state_dict()), tmp_path / 'best.pth')
     model = build_model('vit_tiny_patch16_224', num_classes=3, pretrained=str(tmp_path / 'best.pth'), **TINY)
     assert torch.equal(model.head.weight, trained.head.weight)
+
+
+@pytest.mark.parametrize('change, cause', [(dict(embed_dim=32), 'the file holds embed width 32; vit_tiny_patch16_224 has 64'),
+                                           (dict(depth=2), 'the file holds depth 2; vit_tiny_patch16_224 has 4'),
+                                           (dict(mlp_ratio=2.0), 'the file holds MLP width 128; vit_tiny_patch16_224 has 256')])
+def test_weights_of_another_shape_name_the_cause_in_one_short_line(change, cause, tmp_path):
+    from utils.errors import UserError
+    other = timm.create_model('vit_tiny_patch16_224', img_size=32, **{**KW, **change})
+    torch.save({'model': other.state_dict()}, tmp_path / 'w.pth')
+    with pytest.raises(UserError) as err:
+        build_model('vit_tiny_patch16_224', num_classes=3, pretrained=str(tmp_path / 'w.pth'), **TINY)
+    assert cause in str(err.value) and len(str(err.value)) < 170 + len(str(tmp_path))
+
+
+def test_deit_small_weights_for_deit_tiny_say_so():
+    from models.factory import architecture_difference
+    with torch.device('meta'):
+        small = timm.create_model('deit_small_patch16_224').state_dict()
+        tiny = timm.create_model('deit_tiny_patch16_224').state_dict()
+    assert architecture_difference({'model': small}, tiny, 'deit_tiny_patch16_224') == \
+        'the file holds embed width 384 (a *_small model); deit_tiny_patch16_224 has 192'

@@ -95,15 +95,19 @@ class ModelSource:
 def input_images(cfg: BenchConfig, files: Optional[Sequence[str]] = None,
                  data_config: Optional[dict] = None) -> torch.Tensor:
     """The images every row is measured on: random ones, or images ``files`` spread over the list, with the
-    model's eval transform (so that input-dependent methods such as DGE route as they do on the user's data)."""
+    model's eval transform (so that input-dependent methods such as DGE route as they do on the user's data);
+    a file that fails to decode is skipped with a warning."""
     count = max(cfg.batch_size, cfg.mac_images)
     if not files:
         return torch.randn(count, 3, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(0))
-    from datasets.images import load_rgb
+    from datasets.images import try_load_rgb
     from datasets.transforms import eval_transform
     picked = [files[round(i * (len(files) - 1) / max(count - 1, 1))] for i in range(min(count, len(files)))]
+    images = [img for img in map(try_load_rgb, picked) if img is not None]  # a file that fails is skipped
+    if not images:
+        raise UserError(f'none of the {len(picked)} images picked from --data-root could be decoded')
     transform = eval_transform(data_config)
-    return torch.stack([transform(load_rgb(path)) for path in picked])
+    return torch.stack([transform(img) for img in images])
 
 
 def measure_row(model, cfg: BenchConfig, images: torch.Tensor) -> dict:

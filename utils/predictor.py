@@ -94,9 +94,8 @@ def write_report(weights_path, samples, class_names, output_dir, device='cpu', b
 
 def labelled_samples(checkpoint: dict, data_root) -> List[Tuple[str, int]]:
     """The readable (path, checkpoint class index) samples of a labelled folder (for benchmark.py)."""
-    from datasets.folder import scan_classes
-    from utils.report import resolve_labelled_root
-    scan = scan_classes(resolve_labelled_root(data_root))
+    from datasets.folder import labelled_root, scan_classes
+    scan = scan_classes(labelled_root(data_root))
     return map_to_checkpoint_classes(scan.samples, scan.classes, checkpoint['class_names'])[0]
 
 

@@ -1,8 +1,11 @@
 """The evaluation report of a labelled set, from probabilities to files (no model here).
 
 Metrics are scikit-learn's. Per-class figures cover the classes present in the data; predictions of a class
-absent from the data still count as mistakes. With many classes the plots show the most confused / worst
-classes and say so in their titles, while the CSV files keep every class.
+absent from the data still count as mistakes; ROC and PR curves need both sides of a class in the data (n/a
+otherwise). With many classes the plots show the most confused / worst classes and say so in their titles,
+while the CSV files keep every class. Names are the user's folder and file names, whatever they hold: plot
+text is not read as maths (``$``), CSV cells that hold a name cannot start a spreadsheet formula (a leading
+``'`` as OWASP advises), file names that are not UTF-8 are written byte for byte (surrogate escapes).
 """
 import base64
 import html
@@ -14,25 +17,40 @@ from typing import List, Sequence
 import matplotlib
 
 matplotlib.use('Agg')
+matplotlib.rcParams['text.parse_math'] = False  # class and file names with '$' are text, not maths
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.metrics import (auc, average_precision_score, classification_report, confusion_matrix,  # noqa: E402
                              precision_recall_curve, roc_curve, top_k_accuracy_score)
 
-from utils.errors import UserError  # noqa: E402
-
 MAX_CLASSES_DRAWN = 30   # confusion-matrix rows/columns drawn before switching to the most confused classes
 MAX_CURVES = 10          # per-class ROC/PR curves drawn before switching to the worst classes
 MISTAKES_SHOWN = 16
+FORMULA_START = ('=', '+', '-', '@', '\t', '\r', "'")  # "'" too, so that read_name undoes safe_name exactly
+CSV_OPTIONS = dict(errors='surrogateescape')  # non-UTF-8 file names are written as the bytes they are
 
 
-def resolve_labelled_root(root) -> Path:
-    """A labelled folder: its ``val/`` when it has one, else the folder itself."""
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"data root '{root}' does not exist or is not a folder")
-    return root / 'val' if (root / 'val').is_dir() else root
+def safe_name(name: str) -> str:
+    """A name for a CSV cell that a spreadsheet cannot run as a formula (OWASP: prefix a quote)."""
+    return "'" + name if name.startswith(FORMULA_START) else name
+
+
+def plot_text(name: str) -> str:
+    """A name as plot text: bytes of a non-UTF-8 file name (surrogate escapes) shown as U+FFFD."""
+    return name.encode('utf-8', 'surrogateescape').decode('utf-8', 'replace')
+
+
+def read_name(cell: str) -> str:
+    """The name ``safe_name`` wrote into a cell."""
+    return cell[1:] if cell.startswith("'") else cell
+
+
+def read_report_csv(path) -> pd.DataFrame:
+    """A report CSV of names and numbers as written: 'NA' / 'None' stay names, only empty cells are NaN."""
+    table = pd.read_csv(path, index_col=0, keep_default_na=False, na_values=[''], encoding_errors='surrogateescape')
+    table.index = table.index.map(read_name)
+    return table
 
 
 def _save(fig, path: Path) -> None:
@@ -56,7 +74,7 @@ def plot_confusion(cm: np.ndarray, names: List[str], path: Path, normalized: boo
     fig, ax = plt.subplots(figsize=(side + 1, side))
     im = ax.imshow(values, cmap='Blues', vmin=0, vmax=1 if normalized else None)
     fig.colorbar(im, ax=ax, fraction=0.046)
-    labels = [names[i] for i in shown]
+    labels = [plot_text(names[i]) for i in shown]
     ax.set_xticks(range(len(shown)), labels, rotation=90 if len(shown) > 6 else 0, fontsize=8)
     ax.set_yticks(range(len(shown)), labels, fontsize=8)
     ax.set_xlabel('predicted')
@@ -74,7 +92,7 @@ def per_class_curves(probs: np.ndarray, targets: np.ndarray, present: List[int],
     curves = {}
     for c in present:
         positive = targets == c
-        if positive.all():
+        if positive.all() or not positive.any():  # a curve needs images of the class and of others
             continue
         if kind == 'roc':
             fpr, tpr, _ = roc_curve(positive, probs[:, c])
@@ -91,13 +109,13 @@ def plot_curves(probs, targets, names, present, kind: str, path: Path) -> dict:
     curves = per_class_curves(probs, targets, [1] if binary else present, kind)
     fig, ax = plt.subplots(figsize=(7, 6))
     drawn = sorted(curves, key=lambda c: curves[c][2])
-    title = ('ROC' if kind == 'roc' else 'Precision-recall') + (f' ({names[1]} as positive)' if binary else '')
+    title = ('ROC' if kind == 'roc' else 'Precision-recall') + (f' ({plot_text(names[1])} as positive)' if binary else '')
     if len(drawn) > MAX_CURVES:
         drawn = drawn[:MAX_CURVES]
         title += f': the {MAX_CURVES} worst of {len(curves)} classes + averages'
     for c in drawn:
         x, y, score = curves[c]
-        ax.plot(x, y, lw=1.2, label=f"{names[c]} ({'AUC' if kind == 'roc' else 'AP'} {score:.3f})")
+        ax.plot(x, y, lw=1.2, label=f"{plot_text(names[c])} ({'AUC' if kind == 'roc' else 'AP'} {score:.3f})")
     if not binary and curves:
         onehot = np.eye(len(names))[targets][:, present]
         scores = probs[:, present]
@@ -111,6 +129,8 @@ def plot_curves(probs, targets, names, present, kind: str, path: Path) -> dict:
             precision, recall, _ = precision_recall_curve(onehot.ravel(), scores.ravel())
             ax.plot(recall, precision, 'k--', lw=2,
                     label=f'micro-average (AP {average_precision_score(onehot.ravel(), scores.ravel()):.3f})')
+    if not curves:
+        ax.text(0.5, 0.5, 'n/a: the data holds images of one class only', ha='center', transform=ax.transAxes)
     if kind == 'roc':
         ax.plot([0, 1], [0, 1], color='grey', lw=0.8)
         ax.set_xlabel('false positive rate')
@@ -140,10 +160,16 @@ def plot_mistakes(table: pd.DataFrame, path: Path) -> int:
         axes[0, 0].text(0, 0.5, 'No misclassified images.', fontsize=14)
     for ax, (_, r) in zip(axes.ravel(), shown.iterrows()):
         ax.imshow(load_rgb(r['file']))
-        ax.set_title(f"true: {r['true']}\npred: {r['predicted']} ({r['confidence']:.2f})", fontsize=8, color='darkred')
+        ax.set_title(f"true: {plot_text(r['true'])}\npred: {plot_text(r['predicted'])} ({r['confidence']:.2f})", fontsize=8, color='darkred')
     fig.suptitle(f'Most confident mistakes ({len(shown)} of {len(wrong)})', fontsize=11)
     _save(fig, path)
     return len(wrong)
+
+
+def write_predictions(table: pd.DataFrame, path: Path) -> None:
+    """predictions.csv: the names in it (file, true, predicted) made spreadsheet-safe."""
+    named = [c for c in ('file', 'true', 'predicted') if c in table]
+    table.assign(**{c: table[c].map(safe_name) for c in named}).to_csv(path, index=False, **CSV_OPTIONS)
 
 
 def predictions_table(probs, targets, paths, names) -> pd.DataFrame:
@@ -160,14 +186,15 @@ def write_labelled_report(probs: np.ndarray, targets: np.ndarray, paths: Sequenc
     predicted = probs.argmax(axis=1)
     present = sorted(set(targets.tolist()))
     table = predictions_table(probs, targets, paths, names)
-    table.to_csv(out / 'predictions.csv', index=False)
+    write_predictions(table, out / 'predictions.csv')
 
     labels = sorted(set(present) | set(predicted.tolist()))
     cm = confusion_matrix(targets, predicted, labels=labels)
     label_names = [names[i] for i in labels]
-    pd.DataFrame(cm, index=label_names, columns=label_names).to_csv(out / 'confusion_matrix.csv')
+    safe = [safe_name(n) for n in label_names]
+    pd.DataFrame(cm, index=safe, columns=safe).to_csv(out / 'confusion_matrix.csv', **CSV_OPTIONS)
     normalised = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    pd.DataFrame(normalised, index=label_names, columns=label_names).to_csv(out / 'confusion_matrix_normalized.csv')
+    pd.DataFrame(normalised, index=safe, columns=safe).to_csv(out / 'confusion_matrix_normalized.csv', **CSV_OPTIONS)
     plot_confusion(cm, label_names, out / 'confusion_matrix.png', normalized=False)
     plot_confusion(cm, label_names, out / 'confusion_matrix_normalized.png', normalized=True)
 
@@ -187,7 +214,7 @@ def write_labelled_report(probs: np.ndarray, targets: np.ndarray, paths: Sequenc
     per_class.loc['accuracy'] = [np.nan, np.nan, accuracy, len(targets), np.nan, np.nan]
     per_class['support'] = per_class['support'].astype(int)
     per_class.index.name = 'class'
-    per_class.to_csv(out / 'per_class_report.csv')
+    per_class.rename(index=safe_name).to_csv(out / 'per_class_report.csv', **CSV_OPTIONS)
 
     k = min(5, len(names))
     # one-vs-rest AUC averaged over the classes present (sklearn's 'ovr' macro when all are present)
@@ -202,6 +229,8 @@ def write_labelled_report(probs: np.ndarray, targets: np.ndarray, paths: Sequenc
         macro_f1=float(report['macro avg']['f1-score']), weighted_f1=float(report['weighted avg']['f1-score']),
         macro_auc=macro_auc, images=int(len(targets)), misclassified=mistakes, classes=list(names),
         classes_in_data=[names[c] for c in present], **context)
+    if not roc:
+        summary['notes'] = ['ROC AUC and average precision are n/a: the data holds images of one class only']
     summary['skipped_files'] = len(context.get('skipped', []))
     (out / 'summary.json').write_text(json.dumps(summary, indent=2, default=str))
     write_html(out, summary, per_class)
@@ -224,6 +253,7 @@ def write_html(out: Path, summary: dict, per_class: pd.DataFrame) -> None:
              ('images / s', f"{summary['images_per_s']:.1f}"), ('misclassified', summary['misclassified']),
              ('skipped files', summary['skipped_files'])]
     facts += [(k, f'{v:.4g}') for k, v in summary.get('method_stats', {}).items()]
+    facts += [('note', note) for note in summary.get('notes', [])]
     if summary.get('unknown_classes'):
         facts.append(('classes not in the checkpoint (skipped)', ', '.join(summary['unknown_classes'])))
     rows = ''.join(f'<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>' for k, v in facts)
@@ -242,7 +272,7 @@ th{{background:#f3f3f3;text-align:left}}</style></head><body>
 {f'<h2>Skipped files</h2><ul>{skipped}</ul>' if skipped else ''}{figures}
 <p>Files: predictions.csv, per_class_report.csv, confusion_matrix*.csv, summary.json in this folder.</p>
 </body></html>"""
-    (out / 'report.html').write_text(page)
+    (out / 'report.html').write_text(page, encoding='utf-8', errors='backslashreplace')
 
 
 def add_plot(out: Path, title: str, name: str) -> None:
@@ -250,4 +280,4 @@ def add_plot(out: Path, title: str, name: str) -> None:
     summary = json.loads((out / 'summary.json').read_text())
     summary['extra_plots'] = summary.get('extra_plots', []) + [[title, name]]
     (out / 'summary.json').write_text(json.dumps(summary, indent=2, default=str))
-    write_html(out, summary, pd.read_csv(out / 'per_class_report.csv', index_col=0))
+    write_html(out, summary, read_report_csv(out / 'per_class_report.csv'))

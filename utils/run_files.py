@@ -17,18 +17,18 @@ NOT_SETTINGS = ('config', 'resume', 'output_dir', 'local_rank', 'method_cfg')  #
 DERIVED = 'run_info'  # config.yaml's section of facts about the run, which --config ignores
 
 
-def claim_run_dir(output_dir: Optional[str], resume: Optional[str], data_root, default: Path) -> Path:
+def claim_run_dir(output_dir: Optional[str], resume: Optional[str], data_folders, default: Path) -> Path:
     """Create and return the run folder: ``output_dir``, else the resumed checkpoint's folder, else ``default``
     (with -2, -3, ... when a run started in the same second already took it).
 
-    Refuses a folder that holds another run (unless this run resumes it) and one inside ``data_root``,
-    where its files would become a class of the next run.
+    Refuses a folder that holds another run (unless this run resumes it) and one inside any of ``data_folders``
+    (the data root, train and val folders), where its files would become a class of the next run.
     """
     chosen = Path(output_dir) if output_dir else Path(resume).parent if resume else default
-    data_root = Path(data_root).resolve()
-    if chosen.resolve() == data_root or data_root in chosen.resolve().parents:
-        raise UserError(f"the run folder '{chosen}' is inside --data-root '{data_root}', where it would become a "
-                        f"class of the next run; pass an --output-dir outside the data")
+    for data in (Path(folder).resolve() for folder in data_folders if folder):
+        if chosen.resolve() == data or data in chosen.resolve().parents:
+            raise UserError(f"the run folder '{chosen}' is inside the data folder '{data}', where it would become "
+                            f"a class of the next run; pass an --output-dir outside the data")
     if chosen != default:
         held = [name for name in RUN_FILES if (chosen / name).exists()]
         resumes_it = resume is not None and Path(resume).resolve().parent == chosen.resolve()
@@ -52,7 +52,7 @@ def setup_logging(run_dir, is_main: bool) -> None:
     """Console (and ``train.log`` in the run folder) on the main process; warnings only elsewhere."""
     handlers = [logging.StreamHandler()]
     if is_main and run_dir is not None:
-        handlers.append(logging.FileHandler(Path(run_dir) / 'train.log'))
+        handlers.append(logging.FileHandler(Path(run_dir) / 'train.log', errors='backslashreplace'))
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format='%(message)s',
                         handlers=handlers, force=True)
 
@@ -106,14 +106,14 @@ def write_class_indices(path, classes: List[str]) -> None:
 
 
 def write_file_list(path, samples: Iterable[Tuple[str, int]], classes: List[str]) -> None:
-    with Path(path).open('w', newline='') as f:
+    with Path(path).open('w', newline='', errors='surrogateescape') as f:  # non-UTF-8 names as their bytes
         writer = csv.writer(f)
         writer.writerow(['file', 'class'])
         writer.writerows((p, classes[t]) for p, t in samples)
 
 
 def write_skipped(path, skipped: Iterable[Tuple[str, str]]) -> None:
-    with Path(path).open('w', newline='') as f:
+    with Path(path).open('w', newline='', errors='surrogateescape') as f:  # non-UTF-8 names as their bytes
         writer = csv.writer(f)
         writer.writerow(['file', 'reason'])
         writer.writerows(skipped)

@@ -14,13 +14,16 @@ from typing import List, Sequence
 import matplotlib
 
 matplotlib.use('Agg')
+matplotlib.rcParams['text.parse_math'] = False  # file names with '$' are text, not maths
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from datasets.images import load_rgb  # noqa: E402
+from datasets.images import try_load_rgb  # noqa: E402
 from datasets.transforms import eval_transform  # noqa: E402
 from models.registry import method_cfg, method_name, record_tokens, unwrap  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.report import plot_text  # noqa: E402
 
 GRAIN_COLOURS = np.array([[0.1, 0.8, 0.2], [1.0, 0.85, 0.1], [0.9, 0.15, 0.1]])  # fine, medium, coarse
 SEED_COLOUR = np.array([0.0, 0.9, 1.0])
@@ -79,13 +82,18 @@ def pick(records: List[dict], count: int = 3) -> List[dict]:
 
 
 def write_token_maps(model, files: Sequence[str], data_config: dict, out_dir, n: int = 16) -> Path:
-    """token_maps.png (a row per image: the image, then its map at a few depths) and token_maps/<image>.png."""
+    """token_maps.png (a row per image: the image, then its map at a few depths) and token_maps/<image>.png.
+
+    Files that fail to decode are skipped with a warning."""
     out_dir = Path(out_dir)
+    loaded = [(f, try_load_rgb(f)) for f in list(files)[:n]]
+    files, images = [f for f, img in loaded if img is not None], [img for _, img in loaded if img is not None]
+    if not files:
+        raise UserError(f"token maps: none of the {len(loaded)} images could be decoded (truncated or corrupt files)")
     (out_dir / 'token_maps').mkdir(parents=True, exist_ok=True)
-    files = list(files)[:n]
     transform = eval_transform(data_config)
     device = next(unwrap(model).parameters()).device
-    batch = torch.stack([transform(load_rgb(f)) for f in files]).to(device)
+    batch = torch.stack([transform(img) for img in images]).to(device)
     records = pick(record_tokens(model, batch))
     mean, std = np.array(data_config['mean']), np.array(data_config['std'])
     shown = np.clip(batch.permute(0, 2, 3, 1).cpu().numpy() * std + mean, 0, 1)
@@ -95,7 +103,7 @@ def write_token_maps(model, files: Sequence[str], data_config: dict, out_dir, n:
     columns = 1 + max(len(records), 1)
     fig, axes = plt.subplots(len(files), columns, figsize=(2.6 * columns, 2.6 * len(files)), squeeze=False)
     for row, path in enumerate(files):
-        panels = [(shown[row], Path(path).name[:28])]
+        panels = [(shown[row], plot_text(Path(path).name[:28]))]
         for entry in records:
             view = {k: v[row].numpy() if torch.is_tensor(v) else v for k, v in entry.items()}
             picture = grain_map(shown[row], view['grain'], splits, grid) if 'grain' in view else owner_map(

@@ -121,18 +121,20 @@ def _train(args, info: DistInfo) -> Path:
 def prepare_run_dir(args, info: DistInfo) -> Path:
     """The data root (the built-in demo when none is given) and the run folder, the same on every process;
     the log goes to the run folder's train.log from here on."""
-    if args.data_root is None:
+    if args.data_root is None and args.train_dir is None:
         args.data_root = str(make_demo_dataset(DEMO_ROOT)) if info.is_main else str(DEMO_ROOT)
         barrier()
     default = REPO / 'runs' / f"{args.model}-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(on_main_process(run_files.claim_run_dir, args.output_dir, args.resume, args.data_root, default))
+    base = Path(args.data_root or '.')  # --train-dir / --val-dir are relative to --data-root, as in make_split
+    data_folders = [args.data_root] + [base / d for d in (args.train_dir, args.val_dir) if d]
+    run_dir = Path(on_main_process(run_files.claim_run_dir, args.output_dir, args.resume, data_folders, default))
     run_files.setup_logging(run_dir, info.is_main)
     return run_dir
 
 
 def scan_data(args) -> Split:
     """Scan and split the data root (on process 0 only: every process trains on the same file lists)."""
-    split = make_split(args.data_root, args.val_split, args.seed)
+    split = make_split(args.data_root, args.val_split, args.seed, args.train_dir, args.val_dir)
     classes = split.classes
     if args.nb_classes is not None and args.nb_classes != len(classes):
         raise UserError(f"--nb-classes {args.nb_classes} but '{args.data_root}' has {len(classes)} class "

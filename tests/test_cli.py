@@ -1,0 +1,29 @@
+"""One error path for the three command-line tools (predict.py's: tests/test_predict.py)."""
+import pytest
+
+import benchmark
+import train_gpu
+from conftest import TINY_FLAGS, make_image_folder
+from utils.errors import UserError, run_cli
+
+
+def test_bad_method_setting_is_one_line_in_every_cli(tmp_path, capsys):
+    data = make_image_folder(tmp_path / 'd', per_class=5, size=16)
+    assert train_gpu.main(['--data-root', str(data), '--output-dir', str(tmp_path / 'r'), '--method', 'mtvit',
+                           '--keep-rate', '1.5', *TINY_FLAGS]) == 2
+    assert benchmark.main(['--model', 'vit_tiny_patch16_224', '--img-size', '32', '--model-kwargs', 'patch_size=8',
+                           'depth=4', 'embed_dim=32', 'num_heads=2', '--sweep', 'mtvit.keep_rate=1.5',
+                           '--runs', '1', '--warmup', '0', '--batch-size', '2', '--output-dir', str(tmp_path / 'b')]) == 2
+    err = capsys.readouterr().err
+    assert err.count('error: mtvit: keep_rate must be in (0, 1], got 1.5') == 2 and 'Traceback' not in err
+
+
+@pytest.mark.parametrize('exc, code, message', [(UserError('bad input'), 2, 'error: bad input'),
+                                                (ValueError('bad value'), 2, 'error: bad value'),
+                                                (KeyboardInterrupt(), 130, 'stopped by you')])
+def test_run_cli_codes(exc, code, message, capsys):
+    def fail():
+        raise exc
+    assert run_cli(fail, 'stopped by you') == code
+    assert capsys.readouterr().err.strip() == message
+    assert run_cli(lambda: None) == 0

@@ -72,14 +72,15 @@ def spatial_graph(height: int, width: int, device) -> torch.Tensor:
     rows = torch.arange(height, device=device).repeat_interleave(width)
     cols = torch.arange(width, device=device).repeat(height)
     near = ((rows[:, None] - rows[None]).abs() <= 1) & ((cols[:, None] - cols[None]).abs() <= 1)
-    return (near & ~torch.eye(height * width, dtype=torch.bool, device=device)).float()
+    index = torch.arange(height * width, device=device)
+    return (near & (index[:, None] != index[None])).float()
 
 
 def semantic_graph(tokens: torch.Tensor, neighbours: int) -> torch.Tensor:
     """[B, N, N] adjacency linking each token to its ``neighbours`` most cosine-similar others."""
     unit = tokens / tokens.norm(dim=-1, keepdim=True)
-    similarity = unit @ unit.transpose(-1, -2)
-    similarity.diagonal(dim1=-2, dim2=-1).fill_(-torch.inf)
+    index = torch.arange(tokens.shape[1], device=tokens.device)
+    similarity = (unit @ unit.transpose(-1, -2)).masked_fill(index[:, None] == index[None], -torch.inf)
     nearest = similarity.topk(min(neighbours, tokens.shape[1] - 1), dim=-1).indices
     return torch.zeros_like(similarity).scatter_(-1, nearest, 1.0)
 

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 
-from models.registry import METHODS, add_method_args, method_cfg_from_given
+from models.registry import METHODS, add_method_args, method_override
+from utils.config import given_flags
 from utils.errors import UserError, run_cli
 
 
@@ -33,36 +34,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--method', choices=METHODS, help="override the checkpoint's method (e.g. tome on a dense model)")
     add_method_args(p)
     return p
-
-
-def given_flags(argv) -> set:
-    """Destinations of the flags on the command line, whatever their value (a default given counts)."""
-    parser = get_args_parser()
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
-
-
-def method_override(args, given: set):
-    """(method, cfg) to apply instead of the checkpoint's, or (None, None); only the flags given count."""
-    cfg = method_cfg_from_given(args, given)
-    return (args.method, cfg or None) if args.method else (None, None)
-
-
-def image_files(paths):
-    """Every image file named or found (recursively) in the folders named, in order."""
-    from datasets.folder import list_images
-    from datasets.images import IMAGE_EXTENSIONS
-    missing = [p for p in paths if not Path(p).exists()]
-    if missing:
-        raise UserError(f"--images: {', '.join(missing)} not found; check the paths")
-    files = []
-    for p in map(Path, paths):
-        found = [f for f in list_images(p) if f.suffix.lower() in IMAGE_EXTENSIONS] if p.is_dir() else [p]
-        files += [str(f) for f in found]
-    if not files:
-        raise UserError(f"--images: no image files in {', '.join(paths)}")
-    return files
 
 
 def default_output(weights: str, name: str) -> Path:
@@ -99,6 +70,7 @@ def run_images(args, method, cfg, device) -> None:
     from utils.checkpoint import load_for_inference
     from utils.predictor import predict
     from utils.report import predictions_table, write_predictions
+    from datasets.folder import image_files
     files = image_files(args.images)
     bad = [(f, why) for f in files if (why := check_image(Path(f)))]
     for f, why in bad:
@@ -136,7 +108,7 @@ def main(argv=None) -> int:
 
     def run():
         from utils.distributed import pick_device
-        method, cfg = method_override(args, given_flags(argv))
+        method, cfg = method_override(args, given_flags(get_args_parser, argv))
         (run_labelled if args.data_root else run_images)(args, method, cfg, pick_device(args.device))
     return run_cli(run)
 

@@ -236,3 +236,17 @@ def collate_skipping(batch):
     """Default collate over the samples that loaded; an all-broken batch gives ``None``."""
     batch = [item for item in batch if item is not None]
     return default_collate(batch) if batch else None
+
+
+def image_files(paths: Sequence[str], flag: str = '--images') -> List[str]:
+    """Every image file named in ``paths`` or found (recursively) in the folders named, in order."""
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise UserError(f"{flag}: {', '.join(missing)} not found; check the paths")
+    files = []
+    for p in map(Path, paths):
+        found = [f for f in list_images(p) if f.suffix.lower() in IMAGE_EXTENSIONS] if p.is_dir() else [p]
+        files += [str(f) for f in found]
+    if not files:
+        raise UserError(f"{flag}: no image files in {', '.join(paths)}")
+    return files

@@ -4,7 +4,8 @@ A method is a module in ``models/`` with:
   ``apply(model, **cfg) -> model``   turns a built timm ViT into its variant (in place); unknown keys or
                                      out-of-range values raise ``ValueError`` with a clear message;
   ``add_args(parser)``                its command-line flags (with their defaults);
-  ``cfg_from_args(args) -> dict``     the ``method_cfg`` those flags describe.
+  ``cfg_from_args(args) -> dict``     the ``method_cfg`` those flags describe (a flag that is None, not given
+                                     on a command line that overrides a checkpoint, gives a None value).
 The model it returns carries ``method_name`` and ``method_cfg`` (a plain dict saved in checkpoints), and
 ``configure(**changes)`` for the settings that may change between forwards. It may also have:
   ``update_schedule(epoch: float, total_epochs: int)``  called by the engine before every training step
@@ -113,9 +114,16 @@ def method_cfg_from_given(args: argparse.Namespace, given) -> dict:
                          f"change --method")
     if args.method is None:
         return {}
-    unset = object()  # stands for every flag not given, so the keys it fills are left out
-    layered = argparse.Namespace(**{**vars(args), **{dest: unset for dest in flags if dest not in given}})
-    return {k: v for k, v in method_cfg_from_args(layered).items() if v is not unset}
+    # a flag not given stands as None, which every method reads as 'not set': the keys it fills are left out
+    layered = argparse.Namespace(**{**vars(args), **{dest: None for dest in flags if dest not in given}})
+    return {k: v for k, v in method_cfg_from_args(layered).items() if v is not None}
+
+
+def method_override(args: argparse.Namespace, given):
+    """(method, cfg) that a CLI's ``--method`` and the method flags in ``given`` put in place of a checkpoint's,
+    or (None, None) without ``--method``."""
+    cfg = method_cfg_from_given(args, given)
+    return (args.method, cfg or None) if args.method else (None, None)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

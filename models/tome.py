@@ -177,4 +177,4 @@ def add_args(group: argparse._ArgumentGroup) -> None:
 
 
 def cfg_from_args(args: argparse.Namespace) -> dict:
-    return dict(r=parse_r_flag(args.tome_r), prop_attn=args.tome_prop_attn)
+    return dict(r=None if args.tome_r is None else parse_r_flag(args.tome_r), prop_attn=args.tome_prop_attn)

@@ -26,6 +26,15 @@ def parse_key_values(items: Optional[List[str]]) -> dict:
     return out
 
 
+def given_flags(make_parser, argv) -> set:
+    """Destinations of the flags on the command line ``argv`` of ``make_parser()``'s CLI, whatever their value
+    (a flag given at its default value counts)."""
+    parser = make_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
 def load_yaml(path) -> dict:
     path = Path(path)
     if not path.is_file():

@@ -42,6 +42,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--mac-images', type=int, default=2, help='images whose MACs are averaged per row')
     p.add_argument('--threads', type=int, help='CPU threads (default: torch default)')
     p.add_argument('--train', action='store_true', help='measure training (forward + backward) instead')
+    p.add_argument('--runtime', nargs='+', choices=('torch', 'onnxruntime'), default=['torch'],
+                   help='onnxruntime: also time each row exported to ONNX (CPU; needs requirements-export.txt)')
     p.add_argument('--weights', help="a toolkit checkpoint: rows use its weights (and model)")
     p.add_argument('--data-root', help='labelled folder: adds top-1 and macro F1 per row (needs --weights)')
     p.add_argument('--token-maps', metavar='IMAGE', help='also draw each row\'s token map of this image')
@@ -60,6 +62,11 @@ def run(args) -> None:
     if args.data_root and not args.weights:
         raise UserError('--data-root measures accuracy, which needs trained --weights (a best.pth)')
     device = pick_device(args.device)
+    if 'onnxruntime' in args.runtime:
+        from utils.export import require_onnx
+        if args.train:
+            raise UserError('--runtime onnxruntime times inference; drop --train')
+        require_onnx()
     amp_dtype = None
     if args.amp and device.type == 'cuda':
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -77,7 +84,7 @@ def run(args) -> None:
         evaluate = accuracy_evaluator(checkpoint, samples, device, args.batch_size)
         files = [path for path, _ in samples]
     cfg = BenchConfig(model_name, img_size, args.batch_size, device, amp_dtype, args.runs, args.warmup,
-                      args.mac_images, args.train, num_classes, parse_key_values(args.model_kwargs))
+                      args.mac_images, args.train, num_classes, parse_key_values(args.model_kwargs), args.runtime)
     methods = available_methods() if args.methods is None and not args.sweep else args.methods
     settings = parse_sweep(args.sweep, methods)
     header = (f"{model_name} at {img_size} px, batch {args.batch_size}, "

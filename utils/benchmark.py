@@ -63,6 +63,7 @@ class BenchConfig:
     train: bool = False
     num_classes: int = 1000
     model_kwargs: dict = field(default_factory=dict)
+    runtimes: Sequence[str] = ('torch',)  # 'onnxruntime' adds each row's images/s as an exported ONNX graph
 
 
 class ModelSource:
@@ -136,6 +137,10 @@ def run_rows(settings: List[Setting], source: ModelSource, cfg: BenchConfig, ima
         shown = {**method_cfg(model), **changes}  # run-time controls (e.g. a forced grain) are shown too
         row = dict(method=method, settings=', '.join(f'{k}={v}' for k, v in shown.items()) or 'dense')
         row.update(measure_row(model, cfg, images))
+        if 'onnxruntime' in cfg.runtimes:
+            from utils.export import onnxruntime_images_per_second
+            batch = images[torch.arange(cfg.batch_size) % len(images)]
+            row['ort_images_per_s'] = onnxruntime_images_per_second(model, batch, cfg.runs, cfg.warmup)
         if evaluate is not None:
             row.update(evaluate(model))
         row.update({f'stat_{k}': v for k, v in method_stats(model).items()})
@@ -152,6 +157,9 @@ def run_rows(settings: List[Setting], source: ModelSource, cfg: BenchConfig, ima
     table.insert(6, 'speedup', table['images_per_s'] / dense['images_per_s'])
     # efficiency: the speed-up got per speed-up the MACs promise (1.0 = time falls exactly with MACs)
     table.insert(7, 'efficiency', table['speedup'] * table['mac_ratio'])
+    if 'ort_images_per_s' in table:
+        table.insert(table.columns.get_loc('ort_images_per_s') + 1, 'ort_speedup',
+                     table['ort_images_per_s'] / dense['ort_images_per_s'])
     return table
 
 

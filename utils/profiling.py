@@ -8,6 +8,7 @@ import os
 import resource
 import statistics
 import time
+from typing import Optional
 import warnings
 from typing import Iterable, List, Tuple
 
@@ -38,9 +39,22 @@ def count_macs(model: nn.Module, images: Iterable[torch.Tensor]) -> Tuple[float,
     return sum(totals) / len(totals), sorted(skipped - NO_MAC_OPS)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == 'cuda':
+def _sync(device: Optional[torch.device]) -> None:
+    if device is not None and device.type == 'cuda':
         torch.cuda.synchronize(device)
+
+
+def images_per_second(step, images: int, runs: int = 10, warmup: int = 3, device=None) -> float:
+    """Median images/s of ``runs`` timed calls of ``step()`` (each handling ``images``) after ``warmup``."""
+    times = []
+    for i in range(warmup + runs):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return images / statistics.median(times)
 
 
 def time_forward(model: nn.Module, batch: torch.Tensor, runs: int = 10, warmup: int = 3,
@@ -49,10 +63,8 @@ def time_forward(model: nn.Module, batch: torch.Tensor, runs: int = 10, warmup: 
     device = batch.device
     model.train(train)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    times = []
-    for i in range(warmup + runs):
-        _sync(device)
-        start = time.perf_counter()
+
+    def step():
         if train:
             with autocast:
                 out = model(batch)
@@ -61,10 +73,7 @@ def time_forward(model: nn.Module, batch: torch.Tensor, runs: int = 10, warmup: 
         else:
             with torch.inference_mode(), autocast:
                 model(batch)
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return batch.shape[0] / statistics.median(times)
+    return images_per_second(step, batch.shape[0], runs, warmup, device)
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -1,0 +1,55 @@
+"""Export a trained checkpoint, token reduction included, to a file a serving stack runs (ONNX, TorchScript).
+
+    python export.py --weights runs/NAME/best.pth                          # best.onnx + best.onnx.json
+    python export.py --weights best.pth --method tome --tome-r 8 --dynamic-batch --output model.onnx
+    python export.py --weights best.pth --format torchscript --check-images DIR
+
+The file takes a float32 batch [B, 3, H, W] normalised as the .json beside it says and returns the logits.
+After writing, it is run on the check images beside the PyTorch model and their largest difference is printed.
+"""
+import argparse
+import sys
+
+from models.registry import METHODS, add_method_args, method_override
+from utils.config import given_flags
+from utils.errors import run_cli
+from utils.export import FORMATS, OPSET
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser('export.py', description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--weights', required=True, help='a best.pth / last.pth written by train_gpu.py')
+    p.add_argument('--format', choices=FORMATS, default='onnx', help=f'onnx (opset {OPSET}) or torchscript')
+    p.add_argument('--output', help='default: the weights file with .onnx / .pt')
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument('--batch-size', type=int, default=1, help='the fixed batch size of the graph')
+    shape.add_argument('--dynamic-batch', action='store_true', help='any batch size')
+    p.add_argument('--img-size', type=int, help="input size (default: the checkpoint's)")
+    p.add_argument('--check-images', nargs='*', default=[], help='image files or folders to check the file on '
+                                                                 '(default: 8 random normalised inputs)')
+    p.add_argument('--method', choices=METHODS, help="override the checkpoint's method (e.g. tome on a dense model)")
+    add_method_args(p)
+    return p
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+
+    def run():
+        from datasets.folder import image_files
+        from utils.export import export_checkpoint
+        method, cfg = method_override(args, given_flags(get_args_parser, argv))
+        files = image_files(args.check_images, '--check-images') if args.check_images else []
+        info = export_checkpoint(args.weights, args.format, args.output, method, cfg, args.batch_size,
+                                 args.dynamic_batch, args.img_size, files)
+        check = info['check']
+        print(f"{info['file']}: {info['model']} + {info['method']} {info['method_cfg'] or '(dense)'}, input "
+              f"{info['batch_size']} x {'x'.join(map(str, info['input_size']))}; checked on {check['images']} "
+              f"images against PyTorch: max probability difference {check['max_prob_diff']:.2e}, top-1 "
+              f"agreement {check['top1_agreement'] * 100:.1f}%; input description in {info['sidecar']}")
+    return run_cli(run)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

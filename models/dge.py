@@ -2,15 +2,20 @@
 StevenGrove/vtpack), in plain PyTorch.
 
 In every block the queries are sparse and the keys/values dense. The token grid is cut into regions of
-``region`` x ``region`` tokens; a per-block router (the region's mean token after ``norm1``, a linear layer, one
-logit per split) picks for each region one split s of ``splits``: the region's tokens are average-pooled into
-s x s queries (s = region: every token is a query). The block runs attention with those queries against the
-keys/values of all tokens, and the MLP on the queries only; each query's update (output - pooled input) is
-added to every token of its cell. Prefix tokens are always queries. Training samples the split with hard
-Gumbel-softmax (straight-through), inference takes the argmax. A budget loss
-``loss_weight * (used / maximum queries - budget)^2`` (``extra_loss``) holds the image-query share to the budget;
-the router's bias starts at probability ``init_finest_prob`` for the finest split, so training starts from the
-dense model. Defaults: budget 0.5, region 4, splits (4, 2, 1) (the paper's); loss weight 1.0 (our choice).
+``region`` x ``region`` tokens; a per-block router (the region's mean block input x, a linear layer, one logit per
+split, as vtpack's DynamicRouter) picks for each region one split s of ``splits`` (any order, any divisors of
+``region``): the region's tokens are average-pooled into s x s queries (s = region: every token is a query). The
+block runs attention with those queries against the keys/values of all tokens, and the MLP on the queries only;
+each query's update (output - pooled input) is added to every token of its cell. Prefix tokens are always
+queries. Training samples the split with hard Gumbel-softmax (straight-through), inference takes the argmax.
+
+The budget is vtpack's: the ratio of the blocks' dynamic to static complexity as vtpack counts it
+(``DGEBlock.complexity``: dense keys/values, norms, softmax and routers included), and the budget loss
+``loss_weight * (ratio - budget)^2`` (``extra_loss``) as in vtpack's engine.py. ``method_stats`` logs that ratio
+(``compute_ratio``) and the share of image queries (``query_share``). The router starts as vtpack's: weight
+trunc-normal (std 0.01), bias giving probability ``init_finest_prob`` (0.95) to the finest split and the rest
+shared equally, so training starts near the dense model. Defaults: budget 0.5, region 4, splits (4, 2, 1),
+loss weight 1.0 (vtpack's DeiT configs).
 
 Grids that do not divide into regions (224 px at patch 16: 14 x 14) are handled without padding tokens: the last
 row/column of regions is smaller, a cell is pooled over the tokens it really holds, and cells holding none do not
@@ -41,6 +46,7 @@ class Geometry:
     """Index maps of one token grid: for each split, the cell of every token and the region of every cell."""
     num_regions: int
     region_of_token: torch.Tensor       # [N] region of each image token
+    region_size: torch.Tensor           # [regions] tokens in each region
     cell_of_token: List[torch.Tensor]   # per split: [N] cell index of each image token
     cell_region: List[torch.Tensor]     # per split: [cells] region of each cell
     cell_size: List[torch.Tensor]       # per split: [cells] tokens in each cell
@@ -64,7 +70,8 @@ class Geometry:
             owners.append(owner)
             sizes.append(torch.bincount(cell, minlength=len(used)))
             queries.append(torch.bincount(owner, minlength=num_regions))
-        return Geometry(num_regions, region_of, cells, owners, sizes, torch.stack(queries).float())
+        return Geometry(num_regions, region_of, torch.bincount(region_of, minlength=num_regions), cells, owners, sizes,
+                        torch.stack(queries).float())
 
 
 def pool(x: torch.Tensor, cell: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
@@ -113,21 +120,28 @@ def spread_cells(update: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
 class DGEBlock:
     """A timm ViT block with dynamic-grained queries; ``self.router`` picks a split per region."""
 
-    def route(self, normed: torch.Tensor, geo: Geometry, prefix: int, forced: Optional[torch.Tensor]) -> torch.Tensor:
-        """One-hot gates [B, regions, splits] from the tokens after ``norm1``: Gumbel (training), argmax
+    def route(self, x: torch.Tensor, geo: Geometry, prefix: int, forced: Optional[torch.Tensor]) -> torch.Tensor:
+        """One-hot gates [B, regions, splits] from each region's mean block input: Gumbel (training), argmax
         (inference) or ``forced`` indices."""
         if forced is not None:
-            return F.one_hot(forced, geo.queries.shape[0]).to(normed.dtype)
-        coarsest = len(geo.cell_size) - 1
-        regions = pool(normed[:, prefix:], geo.cell_of_token[coarsest], geo.cell_size[coarsest])
-        logits = self.router(regions)
+            return F.one_hot(forced, geo.queries.shape[0]).to(x.dtype)
+        logits = self.router(pool(x[:, prefix:], geo.region_of_token, geo.region_size))
         if self.training:
-            return F.gumbel_softmax(logits.float(), tau=1.0, hard=True).to(normed.dtype)
-        return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(normed.dtype)
+            return F.gumbel_softmax(logits.float(), tau=1.0, hard=True).to(x.dtype)
+        return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(x.dtype)
+
+    def complexity(self, tokens: int, queries: torch.Tensor, region: int) -> torch.Tensor:
+        """vtpack's complexity count of this block (deit_dge.py Block/Attention/Mlp.complexity plus
+        DynamicRouter.complexity) for ``tokens`` inputs and ``queries`` queries, prefix tokens in both."""
+        c, heads, hidden = self.attn.attn_dim, self.attn.num_heads, self.mlp.fc1.out_features
+        fixed = 2 * tokens * c + 2 * tokens * c * c               # norm1 and norm2, dense keys/values
+        fixed = fixed + tokens / region ** 2 * c * (1 + self.router.out_features)  # router pooling and gate
+        per_query = 2 * c * c + 2 * tokens * c + 3 * tokens * heads + 2 * c * hidden + hidden  # q, proj,
+        return fixed + queries * per_query                        # attention, softmax, MLP and its activation
 
     def forward(self, x: torch.Tensor, geo: Geometry, prefix: int, path: str, forced: Optional[torch.Tensor]):
-        normed = self.norm1(x)  # keys/values and the router both read norm1(x)
-        gates = self.route(normed, geo, prefix, forced)                  # [B, regions, splits]
+        normed = self.norm1(x)  # the keys/values read norm1(x)
+        gates = self.route(x, geo, prefix, forced)                       # [B, regions, splits]
         used = (gates * geo.queries.T[None].to(gates.dtype)).sum(dim=(1, 2))  # image queries per image
         run = self._masked if path == 'masked' else self._packed
         return run(x, normed, gates, geo, prefix), used, gates.argmax(dim=-1)
@@ -176,7 +190,6 @@ class DGEVisionTransformer:
     """A timm VisionTransformer whose blocks use dynamic-grained queries."""
 
     method_name = 'dge'
-    new_param_prefixes = tuple(f'blocks.{i}.router.' for i in range(64))
     # the routers start far from the budget (p = 0.95 finest) and Adam moves a bias by about lr per step, so
     # they learn at 100x the backbone's rate (no weight decay) to reach the budget within a short fine-tune
     new_param_lr_scale = 100.0
@@ -184,6 +197,10 @@ class DGEVisionTransformer:
     @property
     def method_cfg(self) -> dict:
         return dict(self.dge_cfg)
+
+    @property
+    def new_param_prefixes(self) -> tuple:
+        return tuple(f'blocks.{i}.router.' for i in range(len(self.blocks)))
 
     def configure(self, **changes) -> None:
         """Settings (budget, loss_weight), plus run-time controls: force_split ('finest', 'coarsest', a split or
@@ -242,24 +259,30 @@ class DGEVisionTransformer:
             if getattr(self, 'record_tokens', False):  # token maps: the split chosen for each patch's region
                 splits = torch.tensor(self.dge_cfg['splits'], device=x.device)
                 record(self, i, grain=splits[choice][:, geo.region_of_token])
-        ratio = torch.stack(used, dim=1) / (x.shape[1] - prefix)        # [B, blocks] image-query share
+        tokens, region = x.shape[1], self.dge_cfg['region']
+        dynamic = sum(blk.complexity(tokens, prefix + n.float(), region) for blk, n in zip(self.blocks, used))  # [B]
+        static = sum(blk.complexity(tokens, tokens, region) for blk in self.blocks)
+        ratio = dynamic / static                                         # [B] vtpack's complexity ratio
+        share = torch.stack(used, dim=1).mean(dim=1) / (tokens - prefix)  # [B] share of image queries
         self.dge_last_ratio = ratio.mean() if self.training else None
-        self.dge_ratio_sum += float(ratio.detach().mean(dim=1).sum())
-        self.dge_ratio_count += int(ratio.shape[0])
+        self.dge_sums += torch.stack([ratio.detach().sum(), share.detach().sum()]).double().cpu()
+        self.dge_count += int(ratio.shape[0])
         return head(self, x)
 
     def extra_loss(self) -> Optional[torch.Tensor]:
+        """vtpack's budget loss on the complexity ratio of the last training forward."""
         if self.dge_last_ratio is None or self.dge_force is not None or self.dge_routing is not None:
             return None
         return self.dge_cfg['loss_weight'] * (self.dge_last_ratio - self.dge_cfg['budget']) ** 2
 
     def method_stats(self) -> dict:
-        """The mean share of image queries used since the last call (then reset)."""
-        if not self.dge_ratio_count:
+        """Means since the last call (then reset): vtpack's complexity ratio, which the budget holds
+        (``compute_ratio``), and the share of image queries (``query_share``)."""
+        if not self.dge_count:
             return {}
-        ratio = self.dge_ratio_sum / self.dge_ratio_count
-        self.dge_ratio_sum, self.dge_ratio_count = 0.0, 0
-        return dict(compute_ratio=ratio)
+        ratio, share = (self.dge_sums / self.dge_count).tolist()
+        self.dge_sums, self.dge_count = torch.zeros(2, dtype=torch.double), 0
+        return dict(compute_ratio=ratio, query_share=share)
 
 
 def routing_macs(model: nn.Module, height: int, width: int, queries: Sequence[float]) -> float:
@@ -283,11 +306,22 @@ def routing_macs(model: nn.Module, height: int, width: int, queries: Sequence[fl
     return float(total)
 
 
+def init_router(router: nn.Linear, splits: Sequence[int], finest_prob: float) -> None:
+    """vtpack's DynamicRouter.init_parameters: weight trunc-normal (std 0.01); bias +b for the finest split and
+    -b for the others, b chosen so that softmax(bias) gives the finest split ``finest_prob`` (vtpack gives +b to
+    the first split, which is the finest in its configs; here it goes to the finest in any order)."""
+    nn.init.trunc_normal_(router.weight, std=0.01)
+    n = len(splits)
+    b = 0.5 * math.log(finest_prob * (n - 1) / (1 - finest_prob)) if n > 1 else 0.0
+    with torch.no_grad():
+        router.bias.copy_(torch.tensor([b if s == max(splits) else -b for s in splits]))
+
+
 def apply(model: nn.Module, budget: float = 0.5, region: int = 4, splits: Sequence[int] = (4, 2, 1),
           loss_weight: float = 1.0, init_finest_prob: float = 0.95) -> nn.Module:
     """Turn a timm ViT into DGE in place; the routers are new parameters (``blocks.N.router``)."""
     splits = tuple(int(s) for s in splits)
-    if any(region % s for s in splits) or len(set(splits)) != len(splits):
+    if not splits or any(s < 1 or region % s for s in splits) or len(set(splits)) != len(splits):
         raise ValueError(f'dge: every split must divide the region size {region} and appear once, got {splits}')
     if not 0 < init_finest_prob < 1:
         raise ValueError('dge: init_finest_prob must be in (0, 1)')
@@ -298,25 +332,21 @@ def apply(model: nn.Module, budget: float = 0.5, region: int = 4, splits: Sequen
             raise ValueError('dge: gated attention is not supported')
         swap_class(blk, DGEBlock)
         blk.router = nn.Linear(model.embed_dim, len(splits)).to(device=ref.device, dtype=ref.dtype)
-        nn.init.zeros_(blk.router.weight)
-        others = (1 - init_finest_prob) / max(len(splits) - 1, 1)
-        with torch.no_grad():
-            blk.router.bias.copy_(torch.tensor([math.log(init_finest_prob if s == max(splits) else others)
-                                                for s in splits]))
+        init_router(blk.router, splits, init_finest_prob)
     swap_class(model, DGEVisionTransformer)
     model.dge_cfg = dict(budget=budget, region=int(region), splits=list(splits), loss_weight=loss_weight,
                          init_finest_prob=init_finest_prob)
     model.dge_force, model.dge_routing, model.dge_path = None, None, 'auto'
     model.dge_geometry, model.dge_last_ratio = {}, None
-    model.dge_ratio_sum, model.dge_ratio_count = 0.0, 0
+    model.dge_sums, model.dge_count = torch.zeros(2, dtype=torch.double), 0
     model.configure(budget=budget, loss_weight=loss_weight)
     return model
 
 
 def add_args(group: argparse._ArgumentGroup) -> None:
-    group.add_argument('--dge-budget', type=float, default=0.5, help='DGE: target share of image queries')
+    group.add_argument('--dge-budget', type=float, default=0.5, help="DGE: target ratio of the blocks' dynamic to dense complexity (vtpack's)")
     group.add_argument('--dge-region', type=int, default=4, help='DGE: region side in tokens')
-    group.add_argument('--dge-splits', type=int, nargs='+', default=[4, 2, 1], help='DGE: queries per region side')
+    group.add_argument('--dge-splits', type=int, nargs='+', default=[4, 2, 1], help='DGE: queries per region side, any order, each a divisor of the region')
     group.add_argument('--dge-loss-weight', type=float, default=1.0, help='DGE: weight of the budget loss')
 
 

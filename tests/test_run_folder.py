@@ -62,14 +62,20 @@ def test_a_folder_holding_a_run_is_refused(copy, data, capsys):
 
 def test_run_folder_inside_the_data_is_refused(data, capsys):
     expect_error(['--data-root', str(data), '--output-dir', str(data / 'runs' / 'a'), *TINY_FLAGS], capsys,
-                 'inside --data-root')
+                 'inside the data folder')
     assert not (data / 'runs').exists()
+
+
+def test_run_folder_inside_the_train_dir_is_refused(data, capsys):
+    expect_error(['--data-root', str(data.parent), '--train-dir', data.name, '--output-dir',
+                  str(data / 'run'), *TINY_FLAGS], capsys, 'inside the data folder')
+    assert not (data / 'run').exists()
 
 
 def test_default_run_folders_of_the_same_second_differ(tmp_path):
     default = tmp_path / 'runs' / 'vit-none-20250101-120000'
-    first = run_files.claim_run_dir(None, None, tmp_path / 'data', default)
-    second = run_files.claim_run_dir(None, None, tmp_path / 'data', default)
+    first = run_files.claim_run_dir(None, None, [tmp_path / 'data'], default)
+    second = run_files.claim_run_dir(None, None, [tmp_path / 'data'], default)
     assert first == default and second.name == default.name + '-2' and second.is_dir()
 
 

@@ -5,8 +5,8 @@ In the prune blocks (by default depth/4, depth/2, 3 depth/4: blocks 3, 6, 9 of 1
 residual, the image tokens are ranked by the attention the class token pays them (softmax(q_cls k^T), mean over
 heads, computed on its own so the block keeps fused attention) and the top ceil(keep_rate * N) are kept, in
 their order (196 -> 138 -> 97 -> 68 at 0.7). ``fusion='merge'`` (MTViT) folds each dropped token into its most
-cosine-similar kept token, weighted by that attention, adding no token; ``fusion='fuse'`` (EViT) averages all
-dropped tokens into one extra token. The MLP then runs on what is left. A model without a class token ranks by
+cosine-similar kept token, weighted by that attention, adding no token; ``fusion='fuse'`` (EViT) adds one extra
+token, the sum of the dropped tokens weighted by that attention (not renormalised, as EViT's code does). The MLP then runs on what is left. A model without a class token ranks by
 the mean attention each token receives. Token sizes are tracked so average pooling weighs merged tokens.
 
 Multi-scale (MTViT-T/S; ``multi_scale``): a half-size copy of the image runs through the blocks before the first
@@ -17,7 +17,10 @@ then 1x1) whose output layer starts at zero, so a model built from dense weights
 Keep-rate schedule (EViT): 1.0 until ``shrink_start_epoch``, then a cosine decay to ``keep_rate`` over
 ``shrink_epochs`` epochs, per step (``update_schedule``); evaluation uses ``keep_rate``. Defaults: keep 0.7
 (EViT / MTViT DeiT-S), multi-scale on (MTViT-S), merge; shrinking starts at epoch 0 when fine-tuning from
-weights (the CLI's default with --pretrained) and lasts a third of training (EViT: 100 of 300 epochs).
+weights (the CLI's default with --pretrained) and lasts a third of training (EViT: 100 of 300 epochs);
+``shrink_epochs=0`` is EViT's fine-tuning recipe (finetune.sh: the final keep rate from the first step).
+Departure from the official MTViT: the multi-scale module above is our own (the official runs blocks 1-2 on 2x2
+pooled attention and fuses additively with a positional conv); official MTViT checkpoints do not load.
 """
 import argparse
 import math
@@ -63,7 +66,7 @@ def keep_and_merge(x, size, attention, keep: int, prefix: int, fusion: str):
     w_kept = attention.gather(1, kept_idx)[..., None]
     w_gone = attention.gather(1, gone_idx)[..., None]
     if fusion == 'fuse':
-        fused = (w_gone * gone).sum(1, keepdim=True) / w_gone.sum(1, keepdim=True)
+        fused = (w_gone * gone).sum(1, keepdim=True)  # EViT's extra token: the unnormalised weighted sum
         kept = torch.cat([kept, fused], dim=1)
         kept_size = torch.cat([kept_size, gone_size.sum(1, keepdim=True)], dim=1)
         target = torch.full_like(gone_idx, keep)[..., None]  # every dropped token went into the fused one
@@ -242,15 +245,20 @@ def apply(model: nn.Module, keep_rate: float = 0.7, prune_blocks: Optional[Seque
 
 
 def add_args(group: argparse._ArgumentGroup) -> None:
-    group.add_argument('--keep-rate', type=float, default=0.7, help='MTViT: image tokens kept per prune block')
-    group.add_argument('--multi-scale', action=argparse.BooleanOptionalAction, default=True,
+    """MTViT's flags, prefixed like every method's; the unprefixed names of earlier versions still work."""
+    group.add_argument('--mtvit-keep-rate', '--keep-rate', dest='keep_rate', type=float, default=0.7,
+                       help='MTViT: image tokens kept per prune block')
+    group.add_argument('--mtvit-multi-scale', '--multi-scale', dest='multi_scale',
+                       action=argparse.BooleanOptionalAction, default=True,
                        help='MTViT: fuse half-size features (MTViT-T/S; off for MTViT-B)')
     group.add_argument('--mtvit-fusion', choices=FUSIONS, default='merge',
                        help="MTViT: 'merge' dropped tokens into kept ones, or 'fuse' them into one (EViT)")
-    group.add_argument('--prune-blocks', type=int, nargs='+', help='MTViT: blocks that prune (default: depth/4, /2, 3/4)')
-    group.add_argument('--shrink-start-epoch', type=float,
+    group.add_argument('--mtvit-prune-blocks', '--prune-blocks', dest='prune_blocks', type=int, nargs='+',
+                       help='MTViT: blocks that prune (default: depth/4, /2, 3/4)')
+    group.add_argument('--mtvit-shrink-start-epoch', '--shrink-start-epoch', dest='shrink_start_epoch', type=float,
                        help='MTViT: epoch the keep rate starts falling (default: 0 with --pretrained, else epochs/30)')
-    group.add_argument('--shrink-epochs', type=float, help='MTViT: epochs of the cosine decay (default: epochs/3)')
+    group.add_argument('--mtvit-shrink-epochs', '--shrink-epochs', dest='shrink_epochs', type=float,
+                       help='MTViT: epochs of the cosine decay (default: epochs/3)')
 
 
 def cfg_from_args(args: argparse.Namespace) -> dict:

@@ -11,7 +11,7 @@ from models.factory import build_model
 pytest.importorskip('onnxruntime')
 KW = dict(patch_size=8, depth=4, embed_dim=64, num_heads=2)
 METHOD_FLAGS = {'none': [], 'tome': ['--tome-r', '3'], 'gtp': ['--gtp-num-prop', '3'],
-                'mtvit': ['--keep-rate', '0.7'], 'toe': []}
+                'mtvit': ['--mtvit-keep-rate', '0.7'], 'toe': []}
 
 
 @pytest.fixture(scope='module')

@@ -63,3 +63,20 @@ def test_deit_small_macs_match_evit():
     model = build_model('deit_small_patch16_224', 'mtvit', dict(keep_rate=0.7, multi_scale=False), num_classes=10)
     macs, _ = count_macs(model, torch.randn(1, 3, 224, 224))
     assert abs(macs / 1e9 - 3.0) / 3.0 < 0.05
+
+
+def test_fuse_adds_evits_unnormalised_weighted_sum_and_flags_take_the_mtvit_prefix():
+    x, size = torch.randn(2, 1 + 6, 4), torch.ones(2, 7, 1)
+    attention = torch.rand(2, 6)
+    out, out_size, _ = keep_and_merge(x, size, attention, keep=4, prefix=1, fusion='fuse')
+    gone = attention.argsort(dim=-1, descending=True)[:, 4:]
+    expected = torch.stack([(attention[b, gone[b], None] * x[b, 1 + gone[b]]).sum(0) for b in range(2)])
+    assert torch.allclose(out[:, -1], expected, atol=1e-6)  # EViT's evit.py: no division by the weights' sum
+    assert out_size[:, -1, 0].tolist() == [2.0, 2.0]
+    import train_gpu
+    parse = train_gpu.get_args_parser().parse_args
+    new = parse(['--mtvit-keep-rate', '0.5', '--no-mtvit-multi-scale', '--mtvit-prune-blocks', '1', '2',
+                 '--mtvit-shrink-start-epoch', '0', '--mtvit-shrink-epochs', '0'])
+    old = parse(['--keep-rate', '0.5', '--no-multi-scale', '--prune-blocks', '1', '2', '--shrink-start-epoch', '0',
+                 '--shrink-epochs', '0'])
+    assert vars(new) == vars(old) and new.keep_rate == 0.5 and new.multi_scale is False

@@ -246,7 +246,7 @@ def test_two_process_cpu_run(launcher, tmp_path):
 def test_every_method_trains_under_ddp(method, tmp_path):
     data = make_image_folder(tmp_path / 'data', per_class=10)
     run = tmp_path / 'run'
-    flags = {'tome': ['--tome-r', '2'], 'gtp': ['--gtp-num-prop', '2'], 'mtvit': ['--keep-rate', '0.5'],
+    flags = {'tome': ['--tome-r', '2'], 'gtp': ['--gtp-num-prop', '2'], 'mtvit': ['--mtvit-keep-rate', '0.5'],
              'toe': [], 'dge': []}[method]
     result = _launch(['torch.distributed.run'], data, run, ['--method', method, *flags, '--epochs', '2'])
     assert result.returncode == 0, result.stderr[-3000:]

@@ -23,7 +23,7 @@ from tools.oracles import common  # noqa: E402
 from utils.config import parse_key_values  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
-METHODS = ('tome', 'gtp', 'toe')
+METHODS = ('tome', 'gtp', 'toe', 'evit')  # evit: our MTViT without multi-scale, fusion 'fuse'
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -46,7 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def compare_on(oracle, method: str, official_dir: Path, dense, cfg: dict, images, batch_size: int) -> dict:
-    ours = apply_method(copy.deepcopy(dense), method, cfg).train(oracle.TRAINING)
+    ours = apply_method(copy.deepcopy(dense), getattr(oracle, 'METHOD', method), cfg).train(oracle.TRAINING)
     theirs = oracle.official(official_dir, dense, cfg).train(oracle.TRAINING)
     return common.compare(ours, theirs, images, batch_size)
 

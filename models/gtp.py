@@ -27,7 +27,7 @@ them beside a fused call would do the q k^T work twice: 13 % slower on a CPU); b
 fused attention.
 """
 import argparse
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import nn

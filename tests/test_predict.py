@@ -1,7 +1,6 @@
 """predict.py and the report: every file, numbers that agree with scikit-learn, bad input."""
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from datasets.folder import SafeImageDataset, collate_skipping
 from datasets.transforms import eval_transform
 from models.registry import method_cfg, method_name, method_stats
 from utils.checkpoint import load_for_inference

@@ -81,7 +81,9 @@ def load_runner(path: Path, fmt: str) -> Callable[[torch.Tensor], np.ndarray]:
         return run
     require_onnx()
     import onnxruntime as ort
-    session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # as many threads as PyTorch (benchmark.py --threads)
+    session = ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
     name = session.get_inputs()[0].name
     return lambda batch: session.run(None, {name: batch.numpy()})[0]
 

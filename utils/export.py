@@ -7,8 +7,12 @@ graphs are static; ToE is a plain ViT at inference. DGE is refused: its router p
 each block runs, a data-dependent shape that a traced graph would freeze at the example image's routing.
 
 ONNX goes through ``torch.onnx.export(dynamo=True)`` (torch.export, then onnxscript); TorchScript through
-``torch.jit.trace``. After writing, the file is run (onnxruntime, or ``torch.jit.load``) on the same inputs as
-the PyTorch model and the largest difference of their probabilities is reported.
+``torch.jit.trace``. The legacy TorchScript-based ONNX exporter (``dynamo=False``) exports 5-10x faster but has
+no opset-18 form of MTViT's antialiased resize (``aten::_upsample_bilinear2d_aa``) and traces DGE's routing
+without complaint, frozen; torch.export exports dense, ToMe, GTP, MTViT and ToE, and stops on DGE's
+data-dependent shapes (``GuardOnDataDependentSymNode``). After writing, the file is run (onnxruntime, or
+``torch.jit.load``) on the same inputs as the PyTorch model and the largest difference of their probabilities
+is reported.
 """
 import importlib
 import json
@@ -46,9 +50,9 @@ def require_onnx() -> None:
 def check_exportable(model: nn.Module) -> None:
     if method_name(model) == 'dge':
         raise UserError("a DGE model cannot be exported: its routers choose per image how many queries each block "
-                        "runs, which a static graph would freeze at one image's routing; serve it with PyTorch "
-                        "(utils.checkpoint.load_for_inference / predict.py), or export the dense model "
-                        "(--method none)")
+                        "runs, a data-dependent shape torch.export cannot put in a graph (a traced one would freeze "
+                        "one image's routing); serve it with PyTorch (utils.checkpoint.load_for_inference / "
+                        "predict.py), or export the dense model (--method none)")
 
 
 def export_model(model: nn.Module, example: torch.Tensor, path: Path, fmt: str, dynamic_batch: bool) -> None:
@@ -77,7 +81,9 @@ def load_runner(path: Path, fmt: str) -> Callable[[torch.Tensor], np.ndarray]:
         return run
     require_onnx()
     import onnxruntime as ort
-    session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # as many threads as PyTorch (benchmark.py --threads)
+    session = ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
     name = session.get_inputs()[0].name
     return lambda batch: session.run(None, {name: batch.numpy()})[0]
 

@@ -8,9 +8,8 @@ import os
 import resource
 import statistics
 import time
-from typing import Optional
 import warnings
-from typing import Iterable, List, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn

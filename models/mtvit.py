@@ -6,21 +6,25 @@ residual, the image tokens are ranked by the attention the class token pays them
 heads, computed on its own so the block keeps fused attention) and the top ceil(keep_rate * N) are kept, in
 their order (196 -> 138 -> 97 -> 68 at 0.7). ``fusion='merge'`` (MTViT) folds each dropped token into its most
 cosine-similar kept token, weighted by that attention, adding no token; ``fusion='fuse'`` (EViT) adds one extra
-token, the sum of the dropped tokens weighted by that attention (not renormalised, as EViT's code does). The MLP then runs on what is left. A model without a class token ranks by
-the mean attention each token receives. Token sizes are tracked so average pooling weighs merged tokens.
+token, the sum of the dropped tokens weighted by that attention (not renormalised, as EViT's code does). The MLP
+then runs on what is left. A model without a class token ranks by the mean attention each token receives. Token
+sizes are tracked so average pooling weighs merged tokens.
 
-Multi-scale (MTViT-T/S; ``multi_scale``): a half-size copy of the image runs through the blocks before the first
-prune block with the same weights (position embedding resampled); its tokens, upsampled to the fine grid, are
-fused into the fine tokens by a large-kernel depthwise-convolution attention module (5x5, then 7x7 dilated 3,
-then 1x1) whose output layer starts at zero, so a model built from dense weights starts with the dense logits.
+Multi-scale (MTViT-T/S; ``multi_scale``), as the official model computes it: before the first prune block two
+branches share the blocks' weights. The coarse branch embeds the half-size image (bilinear, corners aligned) with
+its own learned position embedding (``mtvit_fusion.pos_embed``) and runs those blocks in full; the fine branch runs
+the first in full and the others with attention on 2x2-pooled image tokens, its output nearest-upsampled before
+the residual (MLPs on every token). ``ScaleFusion`` then nearest-upsamples the coarse map and adds its large-kernel
+attention (3x3, 7x7 dilated 2, 1x1) and the fine map, adds a 3x3 positional convolution, and the two branches'
+prefix tokens are summed. Unlike the official code (224 px, 16 px patches, class token only), any grid and prefix
+tokens work; an odd grid pools with the last row/column alone. Official MTViT checkpoints load
+(``convert_pretrained``). The coarse embedding starts from the model's, resampled (the official: at random).
 
 Keep-rate schedule (EViT): 1.0 until ``shrink_start_epoch``, then a cosine decay to ``keep_rate`` over
 ``shrink_epochs`` epochs, per step (``update_schedule``); evaluation uses ``keep_rate``. Defaults: keep 0.7
 (EViT / MTViT DeiT-S), multi-scale on (MTViT-S), merge; shrinking starts at epoch 0 when fine-tuning from
 weights (the CLI's default with --pretrained) and lasts a third of training (EViT: 100 of 300 epochs);
 ``shrink_epochs=0`` is EViT's fine-tuning recipe (finetune.sh: the final keep rate from the first step).
-Departure from the official MTViT: the multi-scale module above is our own (the official runs blocks 1-2 on 2x2
-pooled attention and fuses additively with a positional conv); official MTViT checkpoints do not load.
 """
 import argparse
 import math
@@ -200,11 +204,13 @@ class MTViTVisionTransformer:
                 swap_class(blk, PruneBlock)
 
     def update_schedule(self, epoch: float, total_epochs: int) -> None:
-        """EViT's cosine keep-rate schedule, per step."""
+        """EViT's cosine keep-rate schedule, per step; with ``shrink_epochs=0`` the final rate from
+        ``shrink_start_epoch`` on, its first step included (as EViT's adjust_keep_rate)."""
         cfg = self.mtvit_cfg
-        progress = (epoch - cfg['shrink_start_epoch']) / max(cfg['shrink_epochs'], 1e-8)
-        progress = min(max(progress, 0.0), 1.0)
-        self.mtvit_train_keep_rate = cfg['keep_rate'] + (1 - cfg['keep_rate']) * 0.5 * (1 + math.cos(math.pi * progress))
+        start, span = cfg['shrink_start_epoch'], cfg['shrink_epochs']
+        progress = float(epoch >= start) if span == 0 else min(max((epoch - start) / span, 0.0), 1.0)
+        rate = cfg['keep_rate']
+        self.mtvit_train_keep_rate = rate + (1 - rate) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def keep_rate_in_force(self) -> float:
         if self.training and self.mtvit_train_keep_rate is not None:
@@ -322,7 +328,8 @@ def add_args(group: argparse._ArgumentGroup) -> None:
                        help='MTViT: image tokens kept per prune block')
     group.add_argument('--mtvit-multi-scale', '--multi-scale', dest='multi_scale',
                        action=argparse.BooleanOptionalAction, default=True,
-                       help='MTViT: fuse half-size features (MTViT-T/S; off for MTViT-B)')
+                       help='MTViT: the official half-size branch, fused before the first prune block '
+                            '(MTViT-T/S; off for MTViT-B)')
     group.add_argument('--mtvit-fusion', choices=FUSIONS, default='merge',
                        help="MTViT: 'merge' dropped tokens into kept ones, or 'fuse' them into one (EViT)")
     group.add_argument('--mtvit-prune-blocks', '--prune-blocks', dest='prune_blocks', type=int, nargs='+',

@@ -9,8 +9,6 @@ from utils.errors import UserError
 from utils.profiling import count_macs
 
 
-
-
 def test_tokens_follow_the_keep_rate_at_224():
     model = build_model('deit_small_patch16_224', 'mtvit', dict(keep_rate=0.7, multi_scale=False), num_classes=3,
                         embed_dim=48, num_heads=2).eval()
@@ -78,6 +76,13 @@ def test_cosine_keep_rate_schedule(epoch, expected):
     model.train()
     assert model.method_stats()['keep_rate'] == pytest.approx(expected)
     model.eval()
+    assert model.method_stats()['keep_rate'] == 0.7
+
+
+def test_evits_fine_tuning_schedule_keeps_the_final_rate_from_the_first_step():
+    model = build_model('vit_tiny_patch16_224', 'mtvit', dict(keep_rate=0.7, shrink_start_epoch=0, shrink_epochs=0),
+                        num_classes=3, **TINY).train()
+    model.update_schedule(0.0, 30)
     assert model.method_stats()['keep_rate'] == 0.7
 
 

@@ -18,7 +18,8 @@ the residual (MLPs on every token). ``ScaleFusion`` then nearest-upsamples the c
 attention (3x3, 7x7 dilated 2, 1x1) and the fine map, adds a 3x3 positional convolution, and the two branches'
 prefix tokens are summed. Unlike the official code (224 px, 16 px patches, class token only), any grid and prefix
 tokens work; an odd grid pools with the last row/column alone. Official MTViT checkpoints load
-(``convert_pretrained``). The coarse embedding starts from the model's, resampled (the official: at random).
+(``convert_pretrained``). The coarse embedding starts from the model's, resampled, and the fusion as a plain sum
+(the official starts both at random).
 
 Keep-rate schedule (EViT): 1.0 until ``shrink_start_epoch``, then a cosine decay to ``keep_rate`` over
 ``shrink_epochs`` epochs, per step (``update_schedule``); evaluation uses ``keep_rate``. Defaults: keep 0.7
@@ -110,7 +111,9 @@ class ScaleFusion(nn.Module):
 
     The coarse map, nearest-upsampled to the fine grid, plus its large-kernel attention (depthwise 3x3, then
     depthwise 7x7 dilated 2, then 1x1; added, not multiplied), plus the fine map; then a depthwise 3x3
-    positional convolution added. Convolutions keep PyTorch's initialisation, as the official code does.
+    positional convolution added. The last convolution of each added branch (1x1, positional) starts at zero, so
+    the module starts as the plain sum of upsampled coarse and fine maps, the same on every build (the official
+    leaves them at PyTorch's random initialisation).
     """
 
     def __init__(self, dim: int, pos_embed: torch.Tensor, grid, num_prefix: int):
@@ -121,6 +124,9 @@ class ScaleFusion(nn.Module):
         self.wide = nn.Conv2d(dim, dim, 7, padding=6, dilation=2, groups=dim)
         self.mix = nn.Conv2d(dim, dim, 1)
         self.position = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        for conv in (self.mix, self.position):
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
         self._register_load_state_dict_pre_hook(self._resample_pos_embed)
 
     def forward(self, fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:

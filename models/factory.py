@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from utils.errors import UserError
-from .registry import apply_method, new_param_prefixes
+from .registry import apply_method, convert_pretrained, method_name, new_param_prefixes
 
 TOOLKIT_FORMAT = 'vit-token-reduction/1'
 
@@ -119,16 +119,18 @@ def build_model(name: str, method: str = 'none', method_cfg: Optional[dict] = No
     if img_size:
         kwargs['img_size'] = img_size
     ckpt = read_checkpoint(pretrained) if pretrained else None
+    converted = None  # (backbone, method's own parameters) of a method's official checkpoint
     try:
         if ckpt is not None and not is_toolkit_checkpoint(ckpt):
+            converted = convert_pretrained(method, ckpt)
+            source = dict(file=os.path.abspath(pretrained)) if converted is None else dict(state_dict=converted[0])
             with torch.device('meta'):  # the shapes of the model asked for, without memory or time
                 own = timm.create_model(name, **kwargs).state_dict()
-            cause = architecture_difference(ckpt, own, name)  # timm would load another depth half-way, silently
+            cause = architecture_difference(ckpt if converted is None else converted[0], own, name)  # timm would load another depth half-way, silently
             if cause:
                 raise UserError(f"weights in '{pretrained}' do not fit model '{name}': {cause}; "
                                 f"pass the --model these weights were made for")
-            model = timm.create_model(name, pretrained=True,
-                                      pretrained_cfg_overlay=dict(file=os.path.abspath(pretrained)), **kwargs)
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=source, **kwargs)
         else:
             model = timm.create_model(name, **kwargs)
     except RuntimeError as err:
@@ -147,7 +149,20 @@ def build_model(name: str, method: str = 'none', method_cfg: Optional[dict] = No
                         f"deit_small_patch16_224")
     if ckpt is not None and is_toolkit_checkpoint(ckpt):
         _from_toolkit_checkpoint(model, ckpt, pretrained)
-    return apply_method(model, method, method_cfg)
+    model = apply_method(model, method, method_cfg)
+    if converted is not None:
+        _load_method_params(model, converted[1], pretrained)
+    return model
+
+
+def _load_method_params(model: nn.Module, state: dict, source: str) -> None:
+    """Load the parameters a method's official checkpoint adds (shape fixes are the method's load hooks')."""
+    unexpected = sorted(set(state) - set(model.state_dict()))
+    if unexpected:
+        raise UserError(f"weights in '{source}' hold parameters this {method_name(model)} model lacks "
+                        f"({', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}); build it with the "
+                        f"settings they were trained with (e.g. --mtvit-multi-scale)")
+    model.load_state_dict(state, strict=False)
 
 
 def model_new_params(model: nn.Module):

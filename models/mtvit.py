@@ -6,21 +6,26 @@ residual, the image tokens are ranked by the attention the class token pays them
 heads, computed on its own so the block keeps fused attention) and the top ceil(keep_rate * N) are kept, in
 their order (196 -> 138 -> 97 -> 68 at 0.7). ``fusion='merge'`` (MTViT) folds each dropped token into its most
 cosine-similar kept token, weighted by that attention, adding no token; ``fusion='fuse'`` (EViT) adds one extra
-token, the sum of the dropped tokens weighted by that attention (not renormalised, as EViT's code does). The MLP then runs on what is left. A model without a class token ranks by
-the mean attention each token receives. Token sizes are tracked so average pooling weighs merged tokens.
+token, the sum of the dropped tokens weighted by that attention (not renormalised, as EViT's code does). The MLP
+then runs on what is left. A model without a class token ranks by the mean attention each token receives. Token
+sizes are tracked so average pooling weighs merged tokens.
 
-Multi-scale (MTViT-T/S; ``multi_scale``): a half-size copy of the image runs through the blocks before the first
-prune block with the same weights (position embedding resampled); its tokens, upsampled to the fine grid, are
-fused into the fine tokens by a large-kernel depthwise-convolution attention module (5x5, then 7x7 dilated 3,
-then 1x1) whose output layer starts at zero, so a model built from dense weights starts with the dense logits.
+Multi-scale (MTViT-T/S; ``multi_scale``), as the official model computes it: before the first prune block two
+branches share the blocks' weights. The coarse branch embeds the half-size image (bilinear, corners aligned) with
+its own learned position embedding (``mtvit_fusion.pos_embed``) and runs those blocks in full; the fine branch runs
+the first in full and the others with attention on 2x2-pooled image tokens, its output nearest-upsampled before
+the residual (MLPs on every token). ``ScaleFusion`` then nearest-upsamples the coarse map and adds its large-kernel
+attention (3x3, 7x7 dilated 2, 1x1) and the fine map, adds a 3x3 positional convolution, and the two branches'
+prefix tokens are summed. Unlike the official code (224 px, 16 px patches, class token only), any grid and prefix
+tokens work; an odd grid pools with the last row/column alone. Official MTViT checkpoints load
+(``convert_pretrained``). The coarse embedding starts from the model's, resampled, and the fusion as a plain sum
+(the official starts both at random).
 
 Keep-rate schedule (EViT): 1.0 until ``shrink_start_epoch``, then a cosine decay to ``keep_rate`` over
 ``shrink_epochs`` epochs, per step (``update_schedule``); evaluation uses ``keep_rate``. Defaults: keep 0.7
 (EViT / MTViT DeiT-S), multi-scale on (MTViT-S), merge; shrinking starts at epoch 0 when fine-tuning from
 weights (the CLI's default with --pretrained) and lasts a third of training (EViT: 100 of 300 epochs);
 ``shrink_epochs=0`` is EViT's fine-tuning recipe (finetune.sh: the final keep rate from the first step).
-Departure from the official MTViT: the multi-scale module above is our own (the official runs blocks 1-2 on 2x2
-pooled attention and fuses additively with a positional conv); official MTViT checkpoints do not load.
 """
 import argparse
 import math
@@ -102,36 +107,73 @@ class PruneBlock:
 
 
 class ScaleFusion(nn.Module):
-    """Fuses upsampled coarse tokens into the fine ones through large-kernel depthwise attention (LKA)."""
+    """MTViT's multi-scale fusion, and the coarse branch's own position embedding ``pos_embed``.
 
-    def __init__(self, dim: int):
+    The coarse map, nearest-upsampled to the fine grid, plus its large-kernel attention (depthwise 3x3, then
+    depthwise 7x7 dilated 2, then 1x1; added, not multiplied), plus the fine map; then a depthwise 3x3
+    positional convolution added. The last convolution of each added branch (1x1, positional) starts at zero, so
+    the module starts as the plain sum of upsampled coarse and fine maps, the same on every build (the official
+    leaves them at PyTorch's random initialisation).
+    """
+
+    def __init__(self, dim: int, pos_embed: torch.Tensor, grid, num_prefix: int):
         super().__init__()
-        self.local = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
-        self.wide = nn.Conv2d(dim, dim, 7, padding=9, dilation=3, groups=dim)
+        self.pos_embed = nn.Parameter(pos_embed.detach().clone())
+        self.grid, self.num_prefix = tuple(grid), num_prefix  # the coarse grid and pos_embed's prefix positions
+        self.local = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.wide = nn.Conv2d(dim, dim, 7, padding=6, dilation=2, groups=dim)
         self.mix = nn.Conv2d(dim, dim, 1)
-        self.out = nn.Conv2d(dim, dim, 1)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        self.position = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        for conv in (self.mix, self.position):
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+        self._register_load_state_dict_pre_hook(self._resample_pos_embed)
 
     def forward(self, fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
-        """fine, coarse: [B, C, H, W] (coarse already upsampled); returns the fused fine map."""
-        attention = self.mix(self.wide(self.local(coarse)))
-        return fine + self.out(attention * coarse)
+        """fine [B, C, H, W], coarse [B, C, h, w] -> the fused map [B, C, H, W]."""
+        up = F.interpolate(coarse, size=fine.shape[-2:], mode='nearest')
+        fused = up + self.mix(self.wide(self.local(up))) + fine
+        return fused + self.position(fused)
+
+    def _resample_pos_embed(self, state_dict, prefix, *args):
+        """A position embedding saved for another (square) coarse grid is resampled to this one."""
+        key = prefix + 'pos_embed'
+        saved = state_dict.get(key)
+        if saved is not None and saved.shape != self.pos_embed.shape:
+            side = math.isqrt(saved.shape[1] - self.num_prefix)
+            state_dict[key] = resample_abs_pos_embed(saved, list(self.grid), [side, side],
+                                                     num_prefix_tokens=self.num_prefix)
 
 
-def embed_half_size(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The ViT stem on a half-size copy of ``images``, position embedding resampled to its grid."""
-    small = F.interpolate(images, scale_factor=0.5, mode='bilinear', align_corners=False, antialias=True)
+def coarse_grid(model: nn.Module, height: int, width: int):
+    p = model.patch_embed.patch_size
+    return (height // 2) // p[0], (width // 2) // p[1]
+
+
+def embed_coarse(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The ViT stem on the half-size image (bilinear, corners aligned, as the official), with the coarse branch's
+    own position embedding and the model's prefix tokens."""
+    small = F.interpolate(images, size=(images.shape[-2] // 2, images.shape[-1] // 2), mode='bilinear',
+                          align_corners=True)
     pe = model.patch_embed
-    x = pe.proj(small)
-    grid = x.shape[-2:]
-    x = pe.norm(x.flatten(2).transpose(1, 2))
-    pos = resample_abs_pos_embed(model.pos_embed, list(grid), list(pe.grid_size),
-                                 num_prefix_tokens=0 if model.no_embed_class else model.num_prefix_tokens)
+    x = pe.norm(pe.proj(small).flatten(2).transpose(1, 2))
+    pos = model.mtvit_fusion.pos_embed
     tokens = [t for t in (model.cls_token, getattr(model, 'dist_token', None), model.reg_token) if t is not None]
     prefix = [t.expand(x.shape[0], -1, -1) for t in tokens]
     x = torch.cat(prefix + [x + pos], 1) if model.no_embed_class else torch.cat(prefix + [x], 1) + pos
     return model.norm_pre(model.patch_drop(model.pos_drop(x)))
+
+
+def pooled_attention_block(block: nn.Module, x: torch.Tensor, grid, prefix: int) -> torch.Tensor:
+    """A timm block whose attention runs on 2x2 average-pooled image tokens (prefix tokens as they are); its
+    output is nearest-upsampled back to ``grid`` before the residual; the MLP runs on every token."""
+    image = x[:, prefix:].transpose(1, 2).reshape(x.shape[0], -1, *grid)
+    pooled = F.avg_pool2d(image, 2, ceil_mode=True).flatten(2).transpose(1, 2)
+    out = block.attn(block.norm1(torch.cat([x[:, :prefix], pooled], dim=1)))
+    small = tuple(math.ceil(g / 2) for g in grid)
+    up = F.interpolate(out[:, prefix:].transpose(1, 2).reshape(x.shape[0], -1, *small), size=grid, mode='nearest')
+    out = torch.cat([out[:, :prefix], up.flatten(2).transpose(1, 2)], dim=1)
+    return mlp_residual(block, x + block.drop_path1(block.ls1(out)))
 
 
 class MTViTVisionTransformer:
@@ -168,11 +210,13 @@ class MTViTVisionTransformer:
                 swap_class(blk, PruneBlock)
 
     def update_schedule(self, epoch: float, total_epochs: int) -> None:
-        """EViT's cosine keep-rate schedule, per step."""
+        """EViT's cosine keep-rate schedule, per step; with ``shrink_epochs=0`` the final rate from
+        ``shrink_start_epoch`` on, its first step included (as EViT's adjust_keep_rate)."""
         cfg = self.mtvit_cfg
-        progress = (epoch - cfg['shrink_start_epoch']) / max(cfg['shrink_epochs'], 1e-8)
-        progress = min(max(progress, 0.0), 1.0)
-        self.mtvit_train_keep_rate = cfg['keep_rate'] + (1 - cfg['keep_rate']) * 0.5 * (1 + math.cos(math.pi * progress))
+        start, span = cfg['shrink_start_epoch'], cfg['shrink_epochs']
+        progress = float(epoch >= start) if span == 0 else min(max((epoch - start) / span, 0.0), 1.0)
+        rate = cfg['keep_rate']
+        self.mtvit_train_keep_rate = rate + (1 - rate) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def keep_rate_in_force(self) -> float:
         if self.training and self.mtvit_train_keep_rate is not None:
@@ -186,11 +230,12 @@ class MTViTVisionTransformer:
         cfg = self.mtvit_cfg
         prefix, has_cls = self.num_prefix_tokens, self.cls_token is not None
         first = cfg['prune_blocks'][0]
-        x = embed(self, images)
-        for blk in self.blocks[:first]:
-            x = maybe_checkpoint(self, blk, x)
         if cfg['multi_scale']:
-            x = maybe_checkpoint(self, self._fuse_scales, x, images)
+            x = self._multi_scale_stem(images, first)
+        else:
+            x = embed(self, images)
+            for blk in self.blocks[:first]:
+                x = maybe_checkpoint(self, blk, x)
         size = x.new_ones(x.shape[0], x.shape[1], 1)
         keep_rate = self.keep_rate_in_force()
         self.token_record = []
@@ -210,30 +255,45 @@ class MTViTVisionTransformer:
                 x = maybe_checkpoint(self, blk, x)
         return head(self, x, size)
 
-    def _fuse_scales(self, x: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """Run the half-size image through the pre-prune blocks and fuse it into the fine tokens ``x``."""
+    def _multi_scale_stem(self, images: torch.Tensor, first: int) -> torch.Tensor:
+        """MTViT's two branches through the blocks before the first prune block, fused (the official forward):
+        the coarse branch (half-size image) runs them in full; the fine branch runs the first in full and the
+        others with attention on 2x2-pooled tokens; prefix tokens of both are summed, image tokens fused."""
         prefix = self.num_prefix_tokens
-        coarse = embed_half_size(self, images)
-        for blk in self.blocks[:self.mtvit_cfg['prune_blocks'][0]]:
-            coarse = blk(coarse)
-        h, w = images.shape[-2] // self.patch_embed.patch_size[0], images.shape[-1] // self.patch_embed.patch_size[1]
-        ch, cw = (images.shape[-2] // 2) // self.patch_embed.patch_size[0], (images.shape[-1] // 2) // self.patch_embed.patch_size[1]
-        to_map = lambda t, a, b: t[:, prefix:].transpose(1, 2).reshape(t.shape[0], -1, a, b)  # noqa: E731
-        coarse_map = F.interpolate(to_map(coarse, ch, cw), size=(h, w), mode='bilinear', align_corners=False)
-        fused = self.mtvit_fusion(to_map(x, h, w), coarse_map)
-        return torch.cat([x[:, :prefix], fused.flatten(2).transpose(1, 2)], dim=1)
+        p = self.patch_embed.patch_size
+        grid = (images.shape[-2] // p[0], images.shape[-1] // p[1])
+        fine, coarse = embed(self, images), embed_coarse(self, images)
+        for i, blk in enumerate(self.blocks[:first]):
+            coarse = maybe_checkpoint(self, blk, coarse)
+            fine = (maybe_checkpoint(self, blk, fine) if i == 0 else
+                    maybe_checkpoint(self, pooled_attention_block, blk, fine, grid, prefix))
+        to_map = lambda t, g: t[:, prefix:].transpose(1, 2).reshape(t.shape[0], -1, *g)  # noqa: E731
+        fused = self.mtvit_fusion(to_map(fine, grid), to_map(coarse, coarse_grid(self, *images.shape[-2:])))
+        return torch.cat([fine[:, :prefix] + coarse[:, :prefix], fused.flatten(2).transpose(1, 2)], dim=1)
+
+
+def new_scale_fusion(model: nn.Module) -> ScaleFusion:
+    """The fusion module, its coarse position embedding started from the model's, resampled to the coarse grid
+    (the official starts it at random: trunc-normal, std 0.02)."""
+    if model.pos_embed is None:
+        raise ValueError('mtvit: multi_scale needs a model with a learned position embedding; pass multi_scale=False')
+    grid = coarse_grid(model, *model.patch_embed.img_size)
+    num_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+    pos = resample_abs_pos_embed(model.pos_embed, list(grid), list(model.patch_embed.grid_size),
+                                 num_prefix_tokens=num_prefix)
+    fusion = ScaleFusion(model.embed_dim, pos, grid, num_prefix)
+    return fusion.to(device=model.pos_embed.device, dtype=model.pos_embed.dtype)
 
 
 def apply(model: nn.Module, keep_rate: float = 0.7, prune_blocks: Optional[Sequence[int]] = None,
           multi_scale: bool = True, fusion: str = 'merge', shrink_start_epoch: float = 0,
           shrink_epochs: float = 10) -> nn.Module:
-    """Turn a timm ViT into MTViT in place; the fusion module (multi-scale) is new and starts at zero."""
+    """Turn a timm ViT into MTViT in place; multi-scale adds the fusion module (``mtvit_fusion.*``, new)."""
     for blk in model.blocks:
         check_attention(blk.attn)
     swap_class(model, MTViTVisionTransformer)
     if multi_scale:
-        ref = model.pos_embed
-        model.mtvit_fusion = ScaleFusion(model.embed_dim).to(device=ref.device, dtype=ref.dtype)
+        model.mtvit_fusion = new_scale_fusion(model)
     model.mtvit_train_keep_rate = None
     model.mtvit_cfg = dict(keep_rate=keep_rate, prune_blocks=list(default_prune_blocks(len(model.blocks))),
                            multi_scale=bool(multi_scale), fusion=fusion, shrink_start_epoch=shrink_start_epoch,
@@ -244,13 +304,38 @@ def apply(model: nn.Module, keep_rate: float = 0.7, prune_blocks: Optional[Seque
     return model
 
 
+OFFICIAL_KEYS = {'pos_embed_list.1': 'pos_embed', 'pos_embed_list.0': 'mtvit_fusion.pos_embed',
+                 'up.lka.conv0.': 'mtvit_fusion.local.', 'up.lka.conv_spatial.': 'mtvit_fusion.wide.',
+                 'up.lka.conv1.': 'mtvit_fusion.mix.', 'up.peg.': 'mtvit_fusion.position.'}
+
+
+def official_to_ours(key: str) -> str:
+    """An official MTViT state-dict key (changingbz/mtvit, multi-scale) as ours; other keys are timm's already."""
+    for theirs, ours in OFFICIAL_KEYS.items():
+        if key.startswith(theirs):
+            return ours + key[len(theirs):]
+    return key
+
+
+def convert_pretrained(checkpoint: dict):
+    """(timm backbone state dict, ``mtvit_fusion.*`` state dict) of an official multi-scale MTViT checkpoint
+    (``{'model': ...}`` or its state dict), or None for any other file (EViT's and MTViT-B's are timm's keys)."""
+    state = checkpoint.get('model', checkpoint)
+    if not isinstance(state, dict) or 'pos_embed_list.1' not in state:
+        return None
+    ours = {official_to_ours(k): v for k, v in state.items()}
+    extras = {k: v for k, v in ours.items() if k.startswith('mtvit_fusion.')}
+    return {k: v for k, v in ours.items() if k not in extras}, extras
+
+
 def add_args(group: argparse._ArgumentGroup) -> None:
     """MTViT's flags, prefixed like every method's; the unprefixed names of earlier versions still work."""
     group.add_argument('--mtvit-keep-rate', '--keep-rate', dest='keep_rate', type=float, default=0.7,
                        help='MTViT: image tokens kept per prune block')
     group.add_argument('--mtvit-multi-scale', '--multi-scale', dest='multi_scale',
                        action=argparse.BooleanOptionalAction, default=True,
-                       help='MTViT: fuse half-size features (MTViT-T/S; off for MTViT-B)')
+                       help='MTViT: the official half-size branch, fused before the first prune block '
+                            '(MTViT-T/S; off for MTViT-B)')
     group.add_argument('--mtvit-fusion', choices=FUSIONS, default='merge',
                        help="MTViT: 'merge' dropped tokens into kept ones, or 'fuse' them into one (EViT)")
     group.add_argument('--mtvit-prune-blocks', '--prune-blocks', dest='prune_blocks', type=int, nargs='+',

@@ -6,6 +6,9 @@ A method is a module in ``models/`` with:
   ``add_args(parser)``                its command-line flags (with their defaults);
   ``cfg_from_args(args) -> dict``     the ``method_cfg`` those flags describe (a flag that is None, not given
                                      on a command line that overrides a checkpoint, gives a None value).
+It may also have ``convert_pretrained(checkpoint) -> (backbone, own) | None``: for a weights file of the method's
+official code (e.g. MTViT's ``pos_embed_list``/``up.*``), timm's backbone state dict and the method's own
+parameters, which ``build_model`` loads after ``apply``; None for any other file.
 The model it returns carries ``method_name`` and ``method_cfg`` (a plain dict saved in checkpoints), and
 ``configure(**changes)`` for the settings that may change between forwards. It may also have:
   ``update_schedule(epoch: float, total_epochs: int)``  called by the engine before every training step
@@ -68,6 +71,13 @@ def apply_method(model: nn.Module, name: str, cfg: Optional[dict] = None) -> nn.
     if unknown:
         raise ValueError(f"unknown {name} setting(s) {', '.join(unknown)}; {name} takes {', '.join(accepted)}")
     return module.apply(model, **cfg)
+
+
+def convert_pretrained(name: str, checkpoint: dict):
+    """The method's reading of a foreign weights file as (timm backbone state dict, its own parameters), or None."""
+    module = method_module(name)
+    hook = getattr(module, 'convert_pretrained', None)
+    return None if hook is None else hook(checkpoint)
 
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:

@@ -1,13 +1,12 @@
-"""MTViT / EViT: kept tokens per block, multi-scale start, keep-rate schedule, MACs on DeiT-S."""
+"""MTViT / EViT: kept tokens per block, multi-scale at any grid, official checkpoints, keep-rate schedule, MACs."""
 import pytest
 import torch
 
 from conftest import TINY, tokens_per_block
 from models import build_model
-from models.mtvit import keep_and_merge
+from models.mtvit import OFFICIAL_KEYS, keep_and_merge
+from utils.errors import UserError
 from utils.profiling import count_macs
-
-
 
 
 def test_tokens_follow_the_keep_rate_at_224():
@@ -19,15 +18,43 @@ def test_tokens_follow_the_keep_rate_at_224():
     assert [c - 1 for c in tokens_per_block(model, torch.randn(1, 3, 224, 224))][-1] == 68 + 3
 
 
-def test_multi_scale_model_built_from_dense_weights_gives_dense_logits():
-    dense = build_model('vit_tiny_patch16_224', num_classes=3, **{**TINY, 'img_size': 64}).eval()
-    model = build_model('vit_tiny_patch16_224', 'mtvit', dict(keep_rate=1.0, multi_scale=True), num_classes=3,
-                        **{**TINY, 'img_size': 64}).eval()
-    model.load_state_dict(dense.state_dict(), strict=False)
+@pytest.mark.parametrize('img_size, patch_size', [(64, 8), (80, 16)])  # 8 x 8 and an odd 5 x 5 grid
+def test_multi_scale_runs_at_any_grid_with_one_image(img_size, patch_size):
+    kw = {**TINY, 'img_size': img_size, 'patch_size': patch_size}
+    dense = build_model('vit_tiny_patch16_224', num_classes=3, **kw)
+    model = build_model('vit_tiny_patch16_224', 'mtvit', dict(keep_rate=0.5), num_classes=3, **kw).eval()
+    grid = img_size // patch_size
+    assert model.mtvit_fusion.pos_embed.shape == (1, 1 + (grid // 2) ** 2, 64)
+    assert all(n.startswith('mtvit_fusion.') for n in set(model.state_dict()) - set(dense.state_dict()))
+    counts = tokens_per_block(model, torch.randn(1, 3, img_size, img_size))
+    assert counts[0] == 1 + (grid // 2) ** 2 and counts[1] == 1 + grid ** 2  # block 0: coarse branch, then fine
+
+
+def official_keys(state):
+    """Our multi-scale state dict under the official MTViT's key names."""
+    inverse = {ours: theirs for theirs, ours in OFFICIAL_KEYS.items()}
+    return {next((inverse[o] + k[len(o):] for o in inverse if k.startswith(o)), k): v for k, v in state.items()}
+
+
+def test_official_mtvit_checkpoint_loads_with_its_logits(tmp_path):
+    kw = {**TINY, 'img_size': 64, 'depth': 5}  # 1000 classes: timm keeps the head of a 1000-class file
+    model = build_model('vit_tiny_patch16_224', 'mtvit', dict(keep_rate=0.7), num_classes=1000, **kw).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    path = tmp_path / 'mtvit_official.pth'
+    torch.save({'model': official_keys(model.state_dict()), 'epoch': 3}, path)
+    assert {'pos_embed_list.0', 'pos_embed_list.1', 'up.peg.weight', 'up.lka.conv0.weight'} <= set(
+        torch.load(path)['model'])
+    loaded = build_model('vit_tiny_patch16_224', 'mtvit', dict(keep_rate=0.7), num_classes=1000, pretrained=str(path),
+                         **kw).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert (model(x) - dense(x)).abs().max() <= 1e-5
-    assert all(n.startswith('mtvit_fusion.') for n in set(model.state_dict()) - set(dense.state_dict()))
+        assert torch.allclose(loaded(x), model(x), atol=1e-6)
+    bigger = build_model('vit_tiny_patch16_224', 'mtvit', {}, num_classes=1000, pretrained=str(path), **{**kw, 'img_size': 96})
+    assert bigger.mtvit_fusion.pos_embed.shape == (1, 1 + 6 * 6, 64)  # the coarse grid's embedding resampled
+    with pytest.raises(UserError, match='mtvit-multi-scale'):
+        build_model('vit_tiny_patch16_224', 'mtvit', dict(multi_scale=False), num_classes=1000, pretrained=str(path),
+                    **kw)
 
 
 def test_merge_folds_dropped_tokens_into_their_nearest_kept_token():
@@ -49,6 +76,13 @@ def test_cosine_keep_rate_schedule(epoch, expected):
     model.train()
     assert model.method_stats()['keep_rate'] == pytest.approx(expected)
     model.eval()
+    assert model.method_stats()['keep_rate'] == 0.7
+
+
+def test_evits_fine_tuning_schedule_keeps_the_final_rate_from_the_first_step():
+    model = build_model('vit_tiny_patch16_224', 'mtvit', dict(keep_rate=0.7, shrink_start_epoch=0, shrink_epochs=0),
+                        num_classes=3, **TINY).train()
+    model.update_schedule(0.0, 30)
     assert model.method_stats()['keep_rate'] == 0.7
 
 

@@ -1,30 +1,30 @@
-"""Our ToMe, GTP, ToE and EViT (MTViT without multi-scale, fusion 'fuse') give the official code's logits (tests/fixtures/oracle_*.pt, written by
-tools/oracles/run.py --save-fixture from the official repositories) on the same seeded tiny ViT and inputs."""
-import copy
+"""Our ToMe, GTP, ToE, EViT (MTViT without multi-scale, fusion 'fuse') and MTViT give the official code's logits
+(tests/fixtures/oracle_*.pt, written by tools/oracles/run.py --save-fixture from the official repositories) on the
+same seeded tiny ViT and inputs (each oracle's ``CASE``, by default ``TINY_CASE``)."""
+import functools
 import importlib
 
 import pytest
 import torch
 
-from models.registry import apply_method
-from tools.oracles.common import FIXTURES, tiny_case
+from tools.oracles.common import FIXTURES, TINY_CASE, our_model, tiny_case
 
-CASES = [(method, i) for method in ('tome', 'gtp', 'toe', 'evit')
+CASES = [(method, i) for method in ('tome', 'gtp', 'toe', 'evit', 'mtvit')
          for i in range(len(torch.load(FIXTURES / f'oracle_{method}.pt', weights_only=True)))]
 
 
-@pytest.fixture(scope='module')
-def case():
-    return tiny_case()
+@functools.lru_cache
+def case(method):
+    return tiny_case(getattr(importlib.import_module(f'tools.oracles.{method}_oracle'), 'CASE', TINY_CASE))
 
 
 @pytest.mark.parametrize('method, index', CASES)
-def test_logits_equal_the_official_code(method, index, case):
-    dense, images = case
+def test_logits_equal_the_official_code(method, index):
+    dense, images = case(method)
     saved = torch.load(FIXTURES / f'oracle_{method}.pt', weights_only=True)[index]
     cfg = {k: v for k, v in saved.items() if k != 'logits'}
     oracle = importlib.import_module(f'tools.oracles.{method}_oracle')
-    model = apply_method(copy.deepcopy(dense), getattr(oracle, 'METHOD', method), cfg).train(oracle.TRAINING)
+    model = our_model(dense, getattr(oracle, 'METHOD', method), cfg, oracle.TRAINING)
     with torch.no_grad():
         logits = model(images)
     official = saved['logits']

@@ -7,6 +7,7 @@ the largest such difference and the paired speed. The tiny fixed case (``tiny_ca
 under tests/fixtures/ hold the official logits of, so the tests compare ours offline.
 """
 import contextlib
+import copy
 import importlib.util
 import math
 import statistics
@@ -23,6 +24,7 @@ from datasets.folder import list_images
 from datasets.images import IMAGE_EXTENSIONS, load_rgb
 from datasets.transforms import data_config, eval_transform
 from models import build_model
+from models.registry import apply_method, new_param_prefixes
 from utils.errors import UserError
 
 TOLERANCE = 1e-3
@@ -60,13 +62,27 @@ def dense_model(name: str, num_classes: int, kwargs: dict, weights: Optional[str
     return model.eval()
 
 
-def tiny_case():
-    """(dense model, input [3, 3, 64, 64]) of the fixtures: a 4-block, 64-dim ViT at 64 px, 64 patch tokens."""
-    case = TINY_CASE
+def tiny_case(case: dict = TINY_CASE):
+    """(dense model, input) of the fixtures: by default a 4-block, 64-dim ViT at 64 px, 64 patch tokens, 3 images."""
     model = dense_model(case['name'], case['num_classes'], case['kwargs'], None, case['seed'])
     generator = torch.Generator().manual_seed(case['seed'] + 1)
     size = case['kwargs']['img_size']
     return model, torch.randn(case['images'], 3, size, size, generator=generator)
+
+
+def seed_new_params(model: nn.Module, seed: int) -> nn.Module:
+    """Give the parameters a method added (``new_param_prefixes``) their ``seeded_weights`` values."""
+    prefixes = new_param_prefixes(model)
+    if prefixes:
+        model.load_state_dict({k: v for k, v in seeded_weights(model, seed).items() if k.startswith(prefixes)},
+                              strict=False)
+    return model
+
+
+def our_model(dense: nn.Module, method: str, cfg: dict, training: bool) -> nn.Module:
+    """Our ``method`` on a copy of ``dense``; the parameters it adds take ``seeded_weights`` values (seed 0), so an
+    oracle can give the official model the same ones."""
+    return seed_new_params(apply_method(copy.deepcopy(dense), method, cfg), 0).train(training)
 
 
 def load_images(folder: Optional[str], count: int, model: nn.Module, img_size: int, seed: int) -> torch.Tensor:

@@ -9,7 +9,6 @@ difference and speed (official seconds / ours, paired per batch). ``--save-fixtu
 logits of the tiny fixed case to tests/fixtures/oracle_<method>.pt for the offline tests.
 """
 import argparse
-import copy
 import importlib
 import sys
 from pathlib import Path
@@ -18,12 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from models.registry import apply_method  # noqa: E402
 from tools.oracles import common  # noqa: E402
 from utils.config import parse_key_values  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
-METHODS = ('tome', 'gtp', 'toe', 'evit')  # evit: our MTViT without multi-scale, fusion 'fuse'
+METHODS = ('tome', 'gtp', 'toe', 'evit', 'mtvit')  # evit: our MTViT without multi-scale, fusion 'fuse'
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -46,13 +44,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def compare_on(oracle, method: str, official_dir: Path, dense, cfg: dict, images, batch_size: int) -> dict:
-    ours = apply_method(copy.deepcopy(dense), getattr(oracle, 'METHOD', method), cfg).train(oracle.TRAINING)
+    ours = common.our_model(dense, getattr(oracle, 'METHOD', method), cfg, oracle.TRAINING)
     theirs = oracle.official(official_dir, dense, cfg).train(oracle.TRAINING)
     return common.compare(ours, theirs, images, batch_size)
 
 
 def save_fixture(oracle, method: str, official_dir: Path) -> None:
-    dense, images = common.tiny_case()
+    dense, images = common.tiny_case(getattr(oracle, 'CASE', common.TINY_CASE))
     logits = []
     for cfg in oracle.FIXTURE_SETTINGS:
         with torch.no_grad():

@@ -79,6 +79,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--resume', help="last.pth to continue from, or 'auto' for the newest in --output-dir / runs/")
     g.add_argument('--report', action=argparse.BooleanOptionalAction, default=True,
                    help="write the evaluation report of best.pth on the validation split into report/")
+    g.add_argument('--log-tensorboard', nargs='?', const=True, metavar='DIR',
+                   help="also log log.csv's scalars to TensorBoard, in DIR (default: the run folder's tb/); "
+                        "needs pip install -r requirements-tensorboard.txt")
     g.add_argument('--local-rank', '--local_rank', type=int, default=None, help=argparse.SUPPRESS)
     add_method_args(p)
     return p

@@ -233,8 +233,8 @@ def test_two_process_cpu_run(launcher, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count('skipping') == 1  # process 0 scans the data, the other gets its split
     files = sorted(p.name for p in run.iterdir())
-    assert files == ['best.pth', 'class_indices.json', 'config.yaml', 'last.pth', 'log.csv', 'skipped_files.csv',
-                     'train.log', 'train_files.csv', 'val_files.csv']
+    assert files == ['best.pth', 'class_indices.json', 'config.yaml', 'curves.png', 'last.pth', 'log.csv',
+                     'skipped_files.csv', 'train.log', 'train_files.csv', 'val_files.csv']
     ckpt = torch.load(run / 'last.pth', weights_only=True)
     assert ckpt['val']['val_images'] == 9
     assert ckpt['num_updates'] == 3

@@ -25,6 +25,7 @@ from models.registry import method_cfg, unwrap
 from utils import run_files
 from utils.checkpoint import (load_backbone_state, load_resume_checkpoint, make_checkpoint, rng_state, save_atomic,
                               set_rng_state)
+from utils.curves import TrainingCurves, add_curves_to_report
 from utils.data import class_weights, eval_loader, train_loader
 from utils.distributed import DistInfo, barrier, cleanup, init_distributed, on_main_process
 from utils.engine import StepSettings, evaluate, train_one_epoch
@@ -86,6 +87,7 @@ def train(args) -> Path:
 def _train(args, info: DistInfo) -> Path:
     """One run, in the order it happens (each step below is a function of this module)."""
     seed_everything(args.seed + info.rank)
+    curves = TrainingCurves(args.log_tensorboard)  # a missing tensorboard stops the run here
     resume_ckpt = load_resume_checkpoint(args.resume) if args.resume else None
     run_dir = prepare_run_dir(args, info)
     split = on_main_process(scan_data, args)
@@ -109,11 +111,14 @@ def _train(args, info: DistInfo) -> Path:
         ema_stats = evaluate(opt.ema.module, val_loader, settings, len(split.classes)) if opt.ema else None
         end_epoch(run_dir, epoch, time.time() - epoch_start, train_stats, val_stats, ema_stats,
                   args, meta, model, opt, progress, info)
+        if info.is_main:
+            curves.update(run_dir)
         if args.early_stop and epoch - progress.best_epoch >= args.early_stop:
             log.info(f'no better top-1 for {args.early_stop} epochs: stopping early (--early-stop {args.early_stop})')
             break
     barrier()
     if info.is_main:
+        curves.close()
         final_report(run_dir, args, split, progress, info.device)
     return run_dir
 
@@ -304,6 +309,7 @@ def final_report(run_dir: Path, args, split: Split, progress: Progress, device: 
         from utils.predictor import write_report
         summary = write_report(run_dir / 'best.pth', split.val, split.classes, run_dir / 'report', device=device,
                                batch_size=args.batch_size, workers=args.workers, skipped=split.skipped)
+        add_curves_to_report(run_dir, run_dir / 'report')
         log.info(f"report of best.pth on the validation split (top-1 {summary['accuracy'] * 100:.2f}%): "
                  f"{run_dir / 'report' / 'report.html'}")
 

@@ -1,0 +1,127 @@
+"""curves.png: a run's training curves, drawn from its log.csv (so a resumed run shows its whole history).
+
+One panel per group of columns: loss, accuracy, macro F1, learning rate, then one per statistic a method
+logs (every ``train_*`` / ``val_*`` column that is not a standard one, e.g. ``keep_rate``, ``compute_ratio``),
+its train and val values together. Columns absent from the log (EMA, macro F1) give no panel or line.
+"""
+import csv
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Dict, List
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from utils.tensorboard_log import ScalarLog, summary_writer_class
+
+log = logging.getLogger('train')
+
+PANELS = (('Loss', (('train_loss', 'train'), ('val_loss', 'val'))),  # (title, ((column, label), ...))
+          ('Accuracy (%)', (('top1', 'top-1'), ('top5', 'top-5'), ('ema_top1', 'EMA top-1'))),
+          ('Macro F1', (('macro_f1', 'macro F1'), ('ema_macro_f1', 'EMA macro F1'))),
+          ('Learning rate', (('lr', ''),)))  # an empty label: no legend
+NOT_STATS = {'train_loss', 'val_loss', 'train_images_per_s'}  # train_/val_ columns that are no method statistic
+COLUMNS_PER_ROW = 3
+
+
+def read_log(path) -> Dict[str, List[float]]:
+    """log.csv as {column: values}; a cell left empty (a column added at a resume) is NaN."""
+    with Path(path).open(newline='') as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    return {c: [float(r[c]) if r.get(c) not in (None, '') else math.nan for r in rows] for c in reader.fieldnames or ()}
+
+
+def panels(columns) -> List[tuple]:
+    """[(title, [(column, label)])] of the panels that ``columns`` fill."""
+    found = [(title, [(c, label) for c, label in lines if c in columns]) for title, lines in PANELS]
+    stats = {}
+    for c in columns:
+        split, _, name = c.partition('_')
+        if split in ('train', 'val') and name and c not in NOT_STATS:
+            stats.setdefault(name, []).append((c, split))
+    found += [(name.replace('_', ' '), lines) for name, lines in stats.items()]
+    return [(title, lines) for title, lines in found if lines]
+
+
+def plot_curves(values: Dict[str, List[float]], out_png) -> List[str]:
+    """Draw the columns of a log (``read_log``) into ``out_png`` (a temporary file, then renamed); returns the
+    panel titles."""
+    shown = panels(values)
+    epochs = values.get('epoch', [])
+    cols = min(COLUMNS_PER_ROW, max(len(shown), 1))
+    rows = max(1, math.ceil(len(shown) / cols))
+    fig = Figure(figsize=(4.2 * cols, 3 * rows), layout='constrained')
+    FigureCanvasAgg(fig)
+    marker = 'o' if len(epochs) <= 30 else None  # a single epoch still shows as a point
+    for i, (title, lines) in enumerate(shown):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for column, label in lines:
+            ax.plot(epochs, values[column], marker=marker, markersize=3, label=label)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel('epoch', fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        if any(label for _, label in lines):
+            ax.legend(fontsize=7)
+    out_png = Path(out_png)
+    tmp = out_png.with_name(f'.{out_png.name}.tmp')
+    try:
+        fig.savefig(tmp, format='png', dpi=90)
+        os.replace(tmp, out_png)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return [title for title, _ in shown]
+
+
+def first_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+
+
+class TrainingCurves:
+    """What each new row of log.csv feeds (on the main process): curves.png and, with ``--log-tensorboard``,
+    TensorBoard. Made at the start of a run, so that a missing tensorboard stops it before any training.
+    A failure to draw or log is one warning, never the end of the training."""
+
+    def __init__(self, tensorboard=None):
+        """``tensorboard``: None (off), True (the run folder's ``tb/``) or a folder."""
+        self.tensorboard = tensorboard
+        self.scalars = None
+        if tensorboard:
+            summary_writer_class()
+
+    def update(self, run_dir) -> None:
+        run_dir = Path(run_dir)
+        try:
+            values = read_log(run_dir / 'log.csv')
+        except (OSError, ValueError) as err:
+            log.warning(f'curves not updated, log.csv unreadable: {first_line(err)}')
+            return
+        try:
+            plot_curves(values, run_dir / 'curves.png')
+        except Exception as err:  # noqa: BLE001 (a plot must not stop a training)
+            log.warning(f'curves.png not redrawn: {first_line(err)}')
+        if self.tensorboard:
+            try:
+                if self.scalars is None:
+                    self.scalars = ScalarLog(run_dir / 'tb' if self.tensorboard is True else self.tensorboard)
+                self.scalars.write({column: v[-1] for column, v in values.items()})
+            except Exception as err:  # noqa: BLE001
+                log.warning(f'TensorBoard not updated: {first_line(err)}')
+
+    def close(self) -> None:
+        if self.scalars is not None:
+            self.scalars.close()
+
+
+def add_curves_to_report(run_dir, report_dir) -> None:
+    """Copy curves.png into the run's report folder and show it there under "Training curves"."""
+    from utils.report import add_plot
+    source = Path(run_dir) / 'curves.png'
+    if source.exists():
+        shutil.copyfile(source, Path(report_dir) / 'curves.png')
+        add_plot(Path(report_dir), 'Training curves', 'curves.png')

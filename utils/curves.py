@@ -54,7 +54,10 @@ def plot_curves(values: Dict[str, List[float]], out_png) -> List[str]:
     epochs = values.get('epoch', [])
     cols = min(COLUMNS_PER_ROW, max(len(shown), 1))
     rows = max(1, math.ceil(len(shown) / cols))
-    fig = Figure(figsize=(4.2 * cols, 3 * rows), layout='constrained')
+    width, height = 4.2 * cols, 3 * rows
+    fig = Figure(figsize=(width, height))  # margins in inches, set by hand: a layout engine doubles the time
+    fig.subplots_adjust(left=0.7 / width, right=1 - 0.15 / width, bottom=0.45 / height, top=1 - 0.3 / height,
+                        wspace=0.3, hspace=0.45)
     FigureCanvasAgg(fig)
     marker = 'o' if len(epochs) <= 30 else None  # a single epoch still shows as a point
     for i, (title, lines) in enumerate(shown):

@@ -3,6 +3,7 @@
 One panel per group of columns: loss, accuracy, macro F1, learning rate, then one per statistic a method
 logs (every ``train_*`` / ``val_*`` column that is not a standard one, e.g. ``keep_rate``, ``compute_ratio``),
 its train and val values together. Columns absent from the log (EMA, macro F1) give no panel or line.
+``TrainingCurves`` is what the trainer calls after each epoch (curves.png, and TensorBoard when asked).
 """
 import csv
 import logging

@@ -16,9 +16,11 @@ from pathlib import Path
 from models.registry import METHODS, add_method_args, method_cfg_from_args
 from utils.config import load_yaml, parse_key_values, parse_layered
 from utils.errors import run_cli
+from utils.selection import EVAL_METRICS
 
 # Without --data-root the built-in demo runs; these settings (under any flag you give) let a ViT learn its
 # 64-px pictures from scratch in a few minutes on a CPU.
+INTERPOLATIONS = ('bilinear', 'bicubic', 'nearest')
 DEMO_SETTINGS = dict(img_size=64, scale=(0.5, 1.0), epochs=20, batch_size=32, lr=1e-3)
 
 
@@ -50,7 +52,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('optimisation')
     g.add_argument('--batch-size', type=int, default=64, help='per process')
     g.add_argument('--epochs', type=int, default=30)
-    g.add_argument('--lr', type=float, default=5e-4, help='AdamW peak learning rate')
+    g.add_argument('--lr', type=float, help='AdamW peak learning rate, as it is (default: from --lr-base)')
+    g.add_argument('--lr-base', type=float,
+                   help='peak learning rate per 512 images, scaled by the global batch (batch size x processes x '
+                        'accumulation steps) as DeiT does (default: 5e-4 with --pretrained, 4e-3 from scratch: '
+                        '6.25e-5 / 5e-4 at batch 64)')
     g.add_argument('--min-lr', type=float, default=1e-6, help='end of the cosine schedule')
     g.add_argument('--warmup-epochs', type=int, default=3)
     g.add_argument('--weight-decay', type=float, default=0.05)
@@ -62,19 +68,37 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--cutmix', type=float, default=0.0, help='CutMix alpha (0: off; DeiT uses 1.0)')
     g.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0), metavar=('MIN', 'MAX'),
                    help='area range of the random resized crop')
+    g.add_argument('--ratio', type=float, nargs=2, default=(3 / 4, 4 / 3), metavar=('MIN', 'MAX'),
+                   help='aspect-ratio range of the random resized crop')
     g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability (0 for text, digits)')
     g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help="RandAugment policy ('' for none)")
+    g.add_argument('--color-jitter', type=float, default=0.0,
+                   help='colour jitter strength (brightness, contrast, saturation), e.g. 0.4 (0: off)')
     g.add_argument('--reprob', type=float, default=0.25, help='random erasing probability')
+    g.add_argument('--train-interpolation', choices=INTERPOLATIONS + ('random',),
+                   help="resize interpolation in training (default: the model's own)")
+    g.add_argument('--crop-pct', type=float,
+                   help="evaluation: resize to size / crop-pct, then centre-crop (default: the model's own, "
+                        "0.875 for DeiT; 1: resize only); saved in the checkpoint for predict.py and export.py")
+    g.add_argument('--interpolation', choices=INTERPOLATIONS,
+                   help="evaluation resize interpolation (default: the model's own); saved in the checkpoint")
     g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=True,
                    help='mixed precision on CUDA (bf16 where supported, else fp16)')
     g.add_argument('--model-ema', action=argparse.BooleanOptionalAction, default=False, help='keep an EMA of weights')
     g.add_argument('--model-ema-decay', type=float, default=0.9998)
-    g.add_argument('--early-stop', type=int, default=0, help='stop after N epochs without a better top-1 (0: off)')
+    g.add_argument('--model-ema-warmup', action=argparse.BooleanOptionalAction, default=True,
+                   help="EMA decay rising from 0 as 1 - (1 + step)^-2/3 up to --model-ema-decay (timm's ModelEmaV3), "
+                        "so that a short run's EMA is not mostly its initialisation")
+    g.add_argument('--eval-metric', choices=EVAL_METRICS, default='top1',
+                   help='validation metric that chooses best.pth (and --early-stop); loss: the lowest')
+    g.add_argument('--early-stop', type=int, default=0, help='stop after N epochs without a better --eval-metric (0: off)')
     g.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=False)
     g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile the model')
     g = p.add_argument_group('run')
     g.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--log-interval', type=int, default=50,
+                   help='steps between host syncs: the NaN check and the progress bar loss (as timm)')
     g.add_argument('--output-dir', help='run folder (default: a new runs/<model>-<method>-<time>)')
     g.add_argument('--resume', help="last.pth to continue from, or 'auto' for the newest in --output-dir / runs/")
     g.add_argument('--report', action=argparse.BooleanOptionalAction, default=True,

@@ -1,26 +1,48 @@
-"""Train and eval transforms from timm, with mean/std/crop/interpolation from the model's pretrained config."""
+"""Train and eval transforms from timm, with mean/std/crop/interpolation from the model's pretrained config.
+
+Everything timm's ``create_transform`` would do implicitly is a named setting here: its ColorJitter(0.4), which
+it adds whenever RandAugment is off, is off unless ``color_jitter`` asks for it (and then applies with
+RandAugment too).
+"""
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from timm.data import create_transform, resolve_data_config
+from timm.data.transforms_factory import transforms_imagenet_train
 
 
-def data_config(model, img_size: Optional[int] = None) -> dict:
-    """The model's own input description (size, interpolation, mean, std, crop_pct) at ``img_size``."""
+def data_config(model, img_size: Optional[int] = None, crop_pct: Optional[float] = None,
+                interpolation: Optional[str] = None) -> dict:
+    """The model's own input description (size, interpolation, mean, std, crop_pct) at ``img_size``; the
+    eval ``crop_pct`` and ``interpolation`` may be set instead of the model's."""
     cfg = resolve_data_config({}, model=model)
     if img_size:
         cfg['input_size'] = (3, img_size, img_size)
-    return dict(input_size=tuple(cfg['input_size']), interpolation=cfg['interpolation'],
+    return dict(input_size=tuple(cfg['input_size']), interpolation=interpolation or cfg['interpolation'],
                 mean=tuple(float(m) for m in cfg['mean']), std=tuple(float(s) for s in cfg['std']),
-                crop_pct=float(cfg['crop_pct']))
+                crop_pct=float(crop_pct or cfg['crop_pct']))
 
 
-def train_transform(cfg: dict, auto_augment: Optional[str] = 'rand-m9-mstd0.5-inc1', re_prob: float = 0.25,
-                    scale: Tuple[float, float] = (0.08, 1.0), hflip: float = 0.5):
-    """RandomResizedCrop (area ``scale``), flip, RandAugment and random erasing (DeiT's recipe)."""
-    return create_transform(cfg['input_size'], is_training=True, auto_augment=auto_augment or None,
-                            scale=tuple(scale), hflip=hflip,
-                            interpolation=cfg['interpolation'], mean=cfg['mean'], std=cfg['std'],
-                            re_prob=re_prob, re_mode='pixel')
+@dataclass
+class Augmentation:
+    """The training augmentation, each part named: random resized crop (area ``scale``, aspect ``ratio``),
+    flip, RandAugment policy (``auto_augment``, '' for none), colour jitter strength (0: none), random
+    erasing probability, and the resize interpolation (None: the model's; 'random' as timm)."""
+    scale: Tuple[float, float] = (0.08, 1.0)
+    ratio: Tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    auto_augment: str = 'rand-m9-mstd0.5-inc1'
+    color_jitter: float = 0.0
+    re_prob: float = 0.25
+    interpolation: Optional[str] = None
+
+
+def train_transform(cfg: dict, aug: Augmentation = Augmentation()):
+    return transforms_imagenet_train(tuple(cfg['input_size'][-2:]), scale=tuple(aug.scale), ratio=tuple(aug.ratio),
+                            hflip=aug.hflip, auto_augment=aug.auto_augment or None,
+                            color_jitter=aug.color_jitter or None, force_color_jitter=aug.color_jitter > 0,
+                            interpolation=aug.interpolation or cfg['interpolation'], mean=cfg['mean'],
+                            std=cfg['std'], re_prob=aug.re_prob, re_mode='pixel')
 
 
 def eval_transform(cfg: dict):

@@ -15,7 +15,8 @@ The budget is vtpack's: the ratio of the blocks' dynamic to static complexity as
 (``compute_ratio``) and the share of image queries (``query_share``). The router starts as vtpack's: weight
 trunc-normal (std 0.01), bias giving probability ``init_finest_prob`` (0.95) to the finest split and the rest
 shared equally, so training starts near the dense model. Defaults: budget 0.5, region 4, splits (4, 2, 1),
-loss weight 1.0 (vtpack's DeiT configs).
+loss weight 1.0 (vtpack's DeiT configs). best.pth is chosen among the epochs whose validation ratio is within
+``BUDGET_TOLERANCE`` (0.02) of the budget or under it (``within_budget``).
 
 Grids that do not divide into regions (224 px at patch 16: 14 x 14) are handled without padding tokens: the last
 row/column of regions is smaller, a cell is pooled over the tokens it really holds, and cells holding none do not
@@ -37,6 +38,8 @@ from torch import nn
 
 from .provenance import record
 from .common import check_attention, embed, head, maybe_checkpoint, swap_class
+
+BUDGET_TOLERANCE = 0.02  # an epoch whose validation complexity ratio is at most budget + this keeps the budget
 
 PATHS = ('auto', 'masked', 'packed')
 
@@ -274,6 +277,12 @@ class DGEVisionTransformer:
         if self.dge_last_ratio is None or self.dge_force is not None or self.dge_routing is not None:
             return None
         return self.dge_cfg['loss_weight'] * (self.dge_last_ratio - self.dge_cfg['budget']) ** 2
+
+    def within_budget(self, val_stats: dict) -> bool:
+        """The validation complexity ratio at most the budget plus BUDGET_TOLERANCE (the budget loss holds the
+        ratio near the budget, not under it)."""
+        ratio = val_stats.get('val_compute_ratio')
+        return ratio is None or ratio <= self.dge_cfg['budget'] + BUDGET_TOLERANCE
 
     def method_stats(self) -> dict:
         """Means since the last call (then reset): vtpack's complexity ratio, which the budget holds

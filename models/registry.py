@@ -15,6 +15,9 @@ The model it returns carries ``method_name`` and ``method_cfg`` (a plain dict sa
                                                        (epoch is fractional: 2.5 = half-way through epoch 2);
   ``extra_loss() -> Tensor | None``                     added to the task loss after each training forward;
   ``method_stats() -> dict``                            floats logged per epoch (keep rate, stage, compute);
+  ``within_budget(val_stats: dict) -> bool``            whether an epoch's validation (with its method stats,
+                                                       prefixed ``val_``) kept the method's compute budget:
+                                                       best.pth prefers such epochs (DGE);
   ``new_param_prefixes``                                state-dict prefixes of parameters the method adds,
                                                        which a dense checkpoint does not have;
   ``new_param_lr_scale``                                learning-rate factor of those new parameters (1.0);
@@ -167,6 +170,12 @@ def extra_loss(model: nn.Module) -> Optional[torch.Tensor]:
 def method_stats(model: nn.Module) -> Dict[str, float]:
     hook = getattr(unwrap(model), 'method_stats', None)
     return {} if hook is None else dict(hook())
+
+
+def within_budget(model: nn.Module, val_stats: dict) -> bool:
+    """Whether an epoch with these validation stats kept the method's compute budget (True without one)."""
+    hook = getattr(unwrap(model), 'within_budget', None)
+    return True if hook is None else bool(hook(val_stats))
 
 
 def new_param_prefixes(model: nn.Module):

@@ -88,7 +88,7 @@ def test_curves_png_after_training(run):
     assert (run / 'curves.png').read_bytes().startswith(PNG_MAGIC)
     Image.open(run / 'curves.png').verify()
     assert [title for title, _ in panels(read_log(run / 'log.csv'))] == \
-        ['Loss', 'Accuracy (%)', 'Learning rate', 'keep rate']
+        ['Loss', 'Accuracy (%)', 'Macro F1', 'Learning rate', 'keep rate']
 
 
 def test_report_shows_the_training_curves(run, data, tmp_path):

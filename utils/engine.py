@@ -5,6 +5,7 @@ the forward) and never names a method. Evaluation counts every image exactly onc
 processes (see ``utils.data.shard_sampler``: no padding on the validation side).
 """
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -32,6 +33,7 @@ class StepSettings:
     clip_grad: Optional[float] = None
     channels_last: bool = False
     show_progress: bool = True
+    log_interval: int = 50  # steps between host syncs (loss check, progress bar), as timm's --log-interval
 
 
 def autocast(settings: StepSettings):
@@ -56,16 +58,30 @@ def mix(mixup, images, targets):
     return mixup(images, targets)
 
 
+def check_finite(bad_loss: torch.Tensor, epoch: int, first: int, last: int, device) -> None:
+    """Stop the run when a loss of steps ``first``..``last`` was NaN or infinite on any process (``bad_loss``
+    holds the last such value, else 0). Checked every ``log_interval`` steps and at the end of the epoch (one host
+    sync each), so the run stops before any checkpoint of the damaged weights is written."""
+    value = bad_loss.item()
+    if any_process(not math.isfinite(value), device):
+        raise NonFiniteLoss(f'the loss became {value if not math.isfinite(value) else "non-finite on another process"} '
+                            f'at epoch {epoch}, steps {first}-{last}; training stopped and the last good checkpoint '
+                            f'is kept. Lower --lr, set --clip-grad 1.0, or use --no-amp')
+
+
 def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: Callable, settings: StepSettings,
                     epoch: int, total_epochs: int, scheduler=None, mixup=None, ema=None,
                     num_updates: int = 0) -> dict:
     """Train one epoch; returns mean loss, lr, global images/s, updates done, and the method's stats."""
     model.train()
     steps = len(loader)
-    loss_sum = seen = 0.0
+    seen = 0
     start = time.time()
     bar = tqdm(loader, desc=f'epoch {epoch}', disable=not settings.show_progress, leave=False, dynamic_ncols=True)
     optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=settings.device)  # on the device: no host sync per step
+    bad_loss = torch.zeros((), device=settings.device)  # the last NaN / inf loss since the last check
+    first_unchecked = 0
     for step, batch in enumerate(bar):
         # a batch whose files all failed to decode (already warned) is skipped by every process together,
         # so that no process waits alone in a collective
@@ -84,15 +100,19 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: Callable, sett
                 added = extra_loss(model)
                 if added is not None:
                     loss = loss + added
-            if any_process(not torch.isfinite(loss).item(), settings.device):
-                raise NonFiniteLoss(f'the loss became {loss.item()} at epoch {epoch}, step {step}; training '
-                                    f'stopped and the last good checkpoint is kept. Lower --lr, set '
-                                    f'--clip-grad 1.0, or use --no-amp')
             scaled = loss / settings.accum_steps
             if settings.scaler is not None:
                 settings.scaler.scale(scaled).backward()
             else:
                 scaled.backward()
+        detached = loss.detach().float()
+        bad_loss = torch.where(torch.isfinite(detached), bad_loss, detached)
+        if (step + 1) % settings.log_interval == 0:
+            check_finite(bad_loss, epoch, first_unchecked, step, settings.device)
+            first_unchecked = step + 1
+            if settings.show_progress:
+                bar.set_postfix(loss=f'{loss.item():.4f}', lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                                img_s=f'{(seen + n) * _world_size() / (time.time() - start):.1f}')
         if last_micro:
             if settings.clip_grad:
                 if settings.scaler is not None:
@@ -109,15 +129,13 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: Callable, sett
                 scheduler.step_update(num_updates=num_updates)
             if ema is not None:
                 ema.update(unwrap(model), step=num_updates)
-        loss_sum += loss.item() * n
+        loss_sum += detached * n
         seen += n
-        if settings.show_progress:
-            bar.set_postfix(loss=f'{loss.item():.4f}', lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                            img_s=f'{seen * _world_size() / (time.time() - start):.1f}')
+    check_finite(bad_loss, epoch, first_unchecked, steps - 1, settings.device)
     if settings.device.type == 'cuda':
         torch.cuda.synchronize(settings.device)
     elapsed = time.time() - start
-    totals = all_reduce_sum([loss_sum, seen], settings.device)
+    totals = all_reduce_sum([loss_sum.item(), seen], settings.device)
     stats = dict(train_loss=(totals[0] / max(totals[1], 1)).item(), lr=optimizer.param_groups[0]['lr'],
                  train_images_per_s=totals[1].item() / elapsed, train_seconds=elapsed, num_updates=num_updates)
     stats.update({f'train_{k}': v for k, v in method_stats(model).items()})
@@ -131,10 +149,12 @@ def _world_size() -> int:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, settings: StepSettings, num_classes: int) -> dict:
-    """Loss, top-1 and top-k (k = min(5, classes)) accuracy in %, over every image once, all processes."""
+    """Loss, top-1 and top-k (k = min(5, classes)) accuracy in % and macro F1 in % (scikit-learn's: the mean
+    over the classes that occur in the targets or the predictions), over every image once, all processes."""
     model.eval()
     k = min(5, num_classes)
-    sums = [0.0, 0.0, 0.0, 0.0]  # loss, top-1 hits, top-k hits, images
+    sums = torch.zeros(4, dtype=torch.float64, device=settings.device)  # loss, top-1 hits, top-k hits, images
+    counts = torch.zeros(3, num_classes, dtype=torch.float64, device=settings.device)  # hits, predicted, true
     for batch in tqdm(loader, desc='eval', disable=not settings.show_progress, leave=False, dynamic_ncols=True):
         if batch is None:
             continue
@@ -142,14 +162,19 @@ def evaluate(model: nn.Module, loader, settings: StepSettings, num_classes: int)
         with autocast(settings):
             logits = model(images)
         logits = logits.float()
-        sums[0] += nn.functional.cross_entropy(logits, targets, reduction='sum').item()
         top = logits.topk(k, dim=1).indices
         hits = top == targets[:, None]
-        sums[1] += hits[:, 0].sum().item()
-        sums[2] += hits.any(dim=1).sum().item()
-        sums[3] += images.shape[0]
-    loss, top1, topk, n = all_reduce_sum(sums, settings.device).tolist()
+        sums += torch.stack([nn.functional.cross_entropy(logits, targets, reduction='sum'), hits[:, 0].sum(),
+                             hits.any(dim=1).sum(), torch.tensor(len(targets), device=targets.device)]).double()
+        predicted = top[:, 0]
+        for row, labels in enumerate((predicted[hits[:, 0]], predicted, targets)):
+            counts[row] += torch.bincount(labels, minlength=num_classes).double()
+    loss, top1, topk, n = all_reduce_sum(sums.tolist(), settings.device).tolist()
+    hits, predicted, true = all_reduce_sum(counts.tolist(), settings.device)
+    present = (predicted + true) > 0
+    f1 = (2 * hits[present] / (predicted + true)[present]).mean().item() if present.any() else 0.0
     n_safe = max(n, 1)
-    stats = dict(val_loss=loss / n_safe, top1=100 * top1 / n_safe, top5=100 * topk / n_safe, val_images=int(n))
+    stats = dict(val_loss=loss / n_safe, top1=100 * top1 / n_safe, top5=100 * topk / n_safe, macro_f1=100 * f1,
+                 val_images=int(n))
     stats.update({f'val_{k}': v for k, v in method_stats(model).items()})
     return stats

@@ -1,5 +1,9 @@
 """AdamW through timm (weight-decay groups, optional layer decay), with a method's new parameters in a group of
-their own when the method asks for a larger learning rate (``new_param_lr_scale``, e.g. DGE's routers)."""
+their own when the method asks for a larger learning rate (``new_param_lr_scale``, e.g. DGE's routers); the peak
+learning rate from ``--lr`` or ``--lr-base`` scaled by the global batch."""
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
 
@@ -25,3 +29,30 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, laye
         return [g for g in base if g['params']] + [own]
 
     return create_optimizer_v2(model, opt='adamw', lr=lr, weight_decay=weight_decay, param_group_fn=groups)
+
+
+LR_BASE_SIZE = 512  # DeiT's and timm's reference batch for --lr-base
+LR_BASE = dict(pretrained=5e-4, scratch=4e-3)  # per 512 images: DeiT's fine-tuning figure; 5e-4 at batch 64
+
+
+@dataclass
+class LearningRate:
+    """The peak learning rate and where it came from: ``--lr`` as given, or ``--lr-base`` x global batch / 512."""
+    value: float
+    global_batch: int
+    base: Optional[float] = None
+
+    def __str__(self) -> str:
+        if self.base is None:
+            return f'{self.value:.3g} (--lr; global batch {self.global_batch})'
+        return f'{self.value:.3g} (--lr-base {self.base:.3g} x global batch {self.global_batch} / {LR_BASE_SIZE})'
+
+
+def resolve_lr(args, world_size: int) -> LearningRate:
+    """``--lr`` when given; else ``--lr-base`` (default: LR_BASE for --pretrained or from scratch) scaled
+    linearly by the global batch (per-process batch x processes x accumulation steps), as DeiT's main.py."""
+    global_batch = args.batch_size * world_size * args.accum_steps
+    if args.lr is not None:
+        return LearningRate(args.lr, global_batch)
+    base = args.lr_base if args.lr_base is not None else LR_BASE['pretrained' if args.pretrained else 'scratch']
+    return LearningRate(base * global_batch / LR_BASE_SIZE, global_batch, base)

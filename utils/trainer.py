@@ -19,9 +19,9 @@ from torch import nn
 
 from datasets.demo import make_demo_dataset
 from datasets.folder import Split, make_split
-from datasets.transforms import data_config, eval_transform, train_transform
+from datasets.transforms import Augmentation, data_config, eval_transform, train_transform
 from models.factory import build_model, model_new_params
-from models.registry import method_cfg, unwrap
+from models.registry import method_cfg, unwrap, within_budget
 from utils import run_files
 from utils.checkpoint import (load_backbone_state, load_resume_checkpoint, make_checkpoint, rng_state, save_atomic,
                               set_rng_state)
@@ -29,7 +29,8 @@ from utils.curves import TrainingCurves, add_curves_to_report
 from utils.data import class_weights, eval_loader, train_loader
 from utils.distributed import DistInfo, barrier, cleanup, init_distributed, on_main_process
 from utils.engine import StepSettings, evaluate, train_one_epoch
-from utils.optim import build_optimizer
+from utils.optim import build_optimizer, resolve_lr
+from utils.selection import describe, metric_value, rank
 from utils.errors import UserError
 
 log = logging.getLogger('train')
@@ -61,6 +62,8 @@ def check_resume_fits(ckpt: dict, args, classes) -> None:
         problems.append(f"method {ckpt['method']} (this run: {args.method})")
     if list(ckpt['class_names']) != list(classes):
         problems.append(f"classes {ckpt['class_names'][:6]} (this data: {list(classes)[:6]})")
+    if ckpt.get('eval_metric', 'top1') != args.eval_metric:
+        problems.append(f"--eval-metric {ckpt.get('eval_metric', 'top1')} (this run: {args.eval_metric})")
     if problems:
         raise UserError(f"cannot resume from '{args.resume}': it was trained with {'; '.join(problems)}; "
                         f"resume with the same settings and data, or start a new run with --pretrained")
@@ -92,14 +95,15 @@ def _train(args, info: DistInfo) -> Path:
     run_dir = prepare_run_dir(args, info)
     split = on_main_process(scan_data, args)
     model, meta = build_run_model(args, split.classes, resume_ckpt, info)
+    lr = resolve_lr(args, info.world_size)
     if info.is_main:
-        write_run_files(run_dir, args, meta, split, info)
+        write_run_files(run_dir, args, meta, split, info, lr)
     loader, val_loader = make_loaders(args, split, meta['data_config'], info)
-    opt = build_optimisation(args, model, loader, split, info.device)
+    opt = build_optimisation(args, model, loader, split, lr.value, info.device)
     progress = resume(resume_ckpt, args, model, opt, info) if resume_ckpt else Progress()
     train_model = wrap_for_training(model, args, info)
     settings = StepSettings(info.device, opt.amp_dtype, opt.scaler, args.accum_steps, args.clip_grad,
-                            args.channels_last, show_progress=info.is_main)
+                            args.channels_last, show_progress=info.is_main, log_interval=args.log_interval)
 
     for epoch in range(progress.start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
@@ -114,7 +118,8 @@ def _train(args, info: DistInfo) -> Path:
         if info.is_main:
             curves.update(run_dir)
         if args.early_stop and epoch - progress.best_epoch >= args.early_stop:
-            log.info(f'no better top-1 for {args.early_stop} epochs: stopping early (--early-stop {args.early_stop})')
+            log.info(f'no better {args.eval_metric} for {args.early_stop} epochs: stopping early '
+                     f'(--early-stop {args.early_stop})')
             break
     barrier()
     if info.is_main:
@@ -161,17 +166,18 @@ def build_run_model(args, classes, resume_ckpt: Optional[dict], info: DistInfo):
                  f'initialisation ({new_params[0]} ...)')
     meta = dict(model_name=args.model, model_kwargs=args.model_kwargs, method=args.method,
                 method_cfg=method_cfg(model), num_classes=len(classes), class_names=list(classes),
-                data_config=data_config(model, args.img_size))
+                data_config=data_config(model, args.img_size, args.crop_pct, args.interpolation))
     model.to(info.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     return model, meta
 
 
-def write_run_files(run_dir: Path, args, meta: dict, split: Split, info: DistInfo) -> None:
-    """config.yaml, the classes and the exact split (and the files skipped) in the run folder; a summary line."""
+def write_run_files(run_dir: Path, args, meta: dict, split: Split, info: DistInfo, lr) -> None:
+    """config.yaml, the classes and the exact split (and the files skipped) in the run folder; summary lines."""
     run_files.write_config(run_dir / 'config.yaml', args,
-                           dict(method_cfg=meta['method_cfg'], **run_files.environment(REPO)))
+                           dict(method_cfg=meta['method_cfg'], lr=lr.value, global_batch=lr.global_batch,
+                                **run_files.environment(REPO)))
     run_files.write_class_indices(run_dir / 'class_indices.json', split.classes)
     run_files.write_file_list(run_dir / 'train_files.csv', split.train, split.classes)
     run_files.write_file_list(run_dir / 'val_files.csv', split.val, split.classes)
@@ -180,13 +186,15 @@ def write_run_files(run_dir: Path, args, meta: dict, split: Split, info: DistInf
     log.info(f"data: {len(split.train)} train / {len(split.val)} val images, {len(split.classes)} classes, "
              f"{len(split.skipped)} files skipped; model {args.model} + {args.method} "
              f"{meta['method_cfg'] or '(dense)'} on {info.device}, world size {info.world_size}; run folder {run_dir}")
+    log.info(f'learning rate {lr}')
 
 
 def make_loaders(args, split: Split, cfg: dict, info: DistInfo):
     pin = info.device.type == 'cuda'
-    loader = train_loader(split.train, train_transform(cfg, args.aa, args.reprob, args.scale, args.hflip),
-                          args.batch_size, args.workers, info.rank, info.world_size, args.seed, args.class_balance,
-                          pin)
+    aug = Augmentation(tuple(args.scale), tuple(args.ratio), args.hflip, args.aa, args.color_jitter, args.reprob,
+                       args.train_interpolation)
+    loader = train_loader(split.train, train_transform(cfg, aug), args.batch_size, args.workers, info.rank,
+                          info.world_size, args.seed, args.class_balance, pin)
     val_loader = eval_loader(split.val, eval_transform(cfg), args.batch_size, args.workers, info.rank,
                              info.world_size, pin)
     return loader, val_loader
@@ -205,14 +213,14 @@ class Optimisation:
     loss_fn: nn.Module
 
 
-def build_optimisation(args, model, loader, split: Split, device: torch.device) -> Optimisation:
-    optimizer = build_optimizer(model, args.lr, args.weight_decay, args.layer_decay)
+def build_optimisation(args, model, loader, split: Split, lr: float, device: torch.device) -> Optimisation:
+    optimizer = build_optimizer(model, lr, args.weight_decay, args.layer_decay)
     updates_per_epoch = math.ceil(len(loader) / args.accum_steps)
     scheduler = create_scheduler_v2(optimizer, sched='cosine', num_epochs=args.epochs, min_lr=args.min_lr,
-                                    warmup_epochs=args.warmup_epochs, warmup_lr=args.lr * 1e-3,
+                                    warmup_epochs=args.warmup_epochs, warmup_lr=lr * 1e-3,
                                     step_on_epochs=False, updates_per_epoch=updates_per_epoch)[0]
     amp_dtype, scaler = amp_settings(args.amp, device)
-    ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+    ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) if args.model_ema else None
     num_classes = len(split.classes)
     mixup = None
     if args.mixup > 0 or args.cutmix > 0:
@@ -226,11 +234,13 @@ def build_optimisation(args, model, loader, split: Split, device: torch.device) 
 
 @dataclass
 class Progress:
-    """Where a run stands: the first epoch to train, the schedule's position in updates, the best top-1."""
+    """Where a run stands: the first epoch to train, the schedule's position in updates, and best.pth's epoch,
+    its value of --eval-metric and whether it kept the method's compute budget."""
     start_epoch: int = 0
     num_updates: int = 0
-    best: float = -1.0
+    best: Optional[float] = None
     best_epoch: int = -1
+    best_within_budget: bool = False
 
 
 def resume(ckpt: dict, args, model, opt: Optimisation, info: DistInfo) -> Progress:
@@ -245,10 +255,11 @@ def resume(ckpt: dict, args, model, opt: Optimisation, info: DistInfo) -> Progre
     if ckpt['rng']:
         set_rng_state(ckpt['rng'][min(info.rank, len(ckpt['rng']) - 1)])
     start_epoch = ckpt['epoch'] + 1
-    progress = Progress(start_epoch, start_epoch * opt.updates_per_epoch, ckpt['best_metric'], ckpt['best_epoch'])
+    progress = Progress(start_epoch, start_epoch * opt.updates_per_epoch, ckpt['best_metric'], ckpt['best_epoch'],
+                        ckpt.get('best_within_budget', True))
     opt.scheduler.step_update(progress.num_updates)
     log.info(f"resumed from '{args.resume}' at epoch {start_epoch} "
-             f"(best top-1 {progress.best:.2f}% at epoch {progress.best_epoch})")
+             f"(best {describe(progress.best, args.eval_metric)} at epoch {progress.best_epoch})")
     return progress
 
 
@@ -265,23 +276,32 @@ def wrap_for_training(model, args, info: DistInfo) -> nn.Module:
 def end_epoch(run_dir: Path, epoch: int, seconds: float, train_stats: dict, val_stats: dict,
               ema_stats: Optional[dict], args, meta: dict, model, opt: Optimisation, progress: Progress,
               info: DistInfo) -> None:
-    """Track the best top-1, then write best.pth (when better), last.pth, and a row of log.csv, in this order:
-    a crash between two writes never leaves last.pth or the log ahead of best.pth."""
-    use_ema = ema_stats is not None and ema_stats['top1'] > val_stats['top1']
-    score = ema_stats['top1'] if use_ema else val_stats['top1']
-    improved = score > progress.best
+    """Track the best epoch (``utils.selection``), then write best.pth (when better), last.pth, and a row of
+    log.csv, in this order: a crash between two writes never leaves last.pth or the log ahead of best.pth."""
+    metric = args.eval_metric
+    candidates = [(val_stats, model)] + ([(ema_stats, opt.ema.module)] if ema_stats is not None else [])
+    ranked = [(rank(metric_value(stats, metric), metric, within_budget(m, stats)), stats) for stats, m in candidates]
+    (eligible, _), chosen = max(ranked, key=lambda pair: pair[0])  # the first (not the EMA) on a tie
+    use_ema = chosen is ema_stats
+    value = metric_value(chosen, metric)
+    improved = progress.best is None or \
+        rank(value, metric, eligible) > rank(progress.best, metric, progress.best_within_budget)
     if improved:
-        progress.best, progress.best_epoch = score, epoch
+        progress.best, progress.best_epoch, progress.best_within_budget = value, epoch, eligible
+        if not eligible:
+            log.warning(f'epoch {epoch} is over the compute budget ({describe(progress.best, metric)}); it is best.pth '
+                        f'only until an epoch within the budget comes')
     rngs = gather_rng_states(rng_state(), info)
     if info.is_main:
         meta['method_cfg'] = method_cfg(model)
         if improved:
             weights = (opt.ema.module if use_ema else unwrap(model)).state_dict()
-            save_atomic(make_checkpoint(meta, weights, epoch=epoch, best_metric=score, best_epoch=epoch,
-                                        ema_weights=use_ema, args=plain_args(args),
-                                        val=ema_stats if use_ema else val_stats), run_dir / 'best.pth')
+            save_atomic(make_checkpoint(meta, weights, epoch=epoch, best_metric=progress.best, best_epoch=epoch,
+                                        eval_metric=metric, ema_weights=use_ema, args=plain_args(args), val=chosen),
+                        run_dir / 'best.pth')
         state = dict(epoch=epoch, num_updates=progress.num_updates, best_metric=progress.best,
-                     best_epoch=progress.best_epoch, optimizer=opt.optimizer.state_dict(),
+                     best_epoch=progress.best_epoch, best_within_budget=progress.best_within_budget,
+                     eval_metric=metric, optimizer=opt.optimizer.state_dict(),
                      scaler=opt.scaler.state_dict() if opt.scaler is not None else None,
                      model_ema=opt.ema.module.state_dict() if opt.ema is not None else None,
                      args=plain_args(args), rng=rngs, val=val_stats)
@@ -293,18 +313,19 @@ def end_epoch(run_dir: Path, epoch: int, seconds: float, train_stats: dict, val_
 def log_row(epoch: int, seconds: float, train_stats: dict, val_stats: dict, ema_stats: Optional[dict]) -> dict:
     row = dict(epoch=epoch, lr=train_stats['lr'], train_loss=train_stats['train_loss'],
                val_loss=val_stats['val_loss'], top1=val_stats['top1'], top5=val_stats['top5'],
-               epoch_seconds=seconds, train_images_per_s=train_stats['train_images_per_s'])
+               macro_f1=val_stats['macro_f1'], epoch_seconds=seconds, train_images_per_s=train_stats['train_images_per_s'])
     row.update({k: v for k, v in train_stats.items() if k.startswith('train_') and k not in row
                 and k != 'train_seconds'})
     row.update({k: v for k, v in val_stats.items() if k.startswith('val_') and k not in row and k != 'val_images'})
     if ema_stats is not None:
-        row.update(ema_top1=ema_stats['top1'], ema_top5=ema_stats['top5'])
+        row.update(ema_top1=ema_stats['top1'], ema_top5=ema_stats['top5'], ema_macro_f1=ema_stats['macro_f1'])
     return row
 
 
 def final_report(run_dir: Path, args, split: Split, progress: Progress, device: torch.device) -> None:
     """The evaluation report of best.pth on the validation split (unless --no-report)."""
-    log.info(f'best top-1 {progress.best:.2f}% at epoch {progress.best_epoch}; checkpoints and log in {run_dir}')
+    log.info(f'best {describe(progress.best, args.eval_metric)} at epoch {progress.best_epoch}; checkpoints and '
+             f'log in {run_dir}')
     if args.report and (run_dir / 'best.pth').exists():
         from utils.predictor import write_report
         summary = write_report(run_dir / 'best.pth', split.val, split.classes, run_dir / 'report', device=device,

@@ -2,6 +2,7 @@
 
     python train_gpu.py                                   # the built-in demo, CPU or GPU
     python train_gpu.py --data-root DIR --model deit_small_patch16_224 --pretrained weights/FILE.pth
+    python train_gpu.py --data-root DIR --model deit_small_patch16_224 --pretrained   # timm's weights, from the hub
     torchrun --nproc_per_node=2 train_gpu.py --data-root DIR ...
     python train_gpu.py --resume runs/NAME/last.pth       # or --resume auto
 
@@ -45,7 +46,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--model', default='deit_tiny_patch16_224', help='any timm ViT name')
     g.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
                    help='extra timm.create_model arguments, e.g. depth=6 embed_dim=192')
-    g.add_argument('--pretrained', help='local weights file (.pth / .safetensors / a toolkit checkpoint)')
+    g.add_argument('--pretrained', nargs='?', const=True, metavar='WEIGHTS',
+                   help="start from pretrained weights: alone, the --model's default timm weights; or a timm tag "
+                        "(fb_in1k, deit_small_patch16_224.fb_in1k) or hf-hub:ORG/NAME (fetched once into the Hugging "
+                        "Face cache, offline from it with HF_HUB_OFFLINE=1); or a local .pth / .safetensors / toolkit "
+                        "checkpoint")
     g.add_argument('--img-size', type=int, help="input size (default: the model's own)")
     g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate')
     g.add_argument('--method', choices=METHODS, default='none', help='token-reduction method')

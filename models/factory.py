@@ -1,19 +1,21 @@
-"""``build_model``: a timm ViT (any name, size, image size), local pretrained weights, one method.
+"""``build_model``: a timm ViT (any name, size, image size), pretrained weights, one method.
 
-Downloaded weights (DeiT ``{'model': ...}`` .pth, timm .safetensors / .bin) load through timm's own path
-(``pretrained=True`` with ``pretrained_cfg_overlay=dict(file=...)``), which drops a classifier of another
-class count and resamples the position embedding to another image size. A checkpoint of this toolkit is
-loaded from its own state dict instead, head included when the classes match: timm's path would
+Weights (a file, or hub weights that ``models.pretrained`` resolves) load through timm's own path: ``pretrained=True``
+with ``pretrained_cfg_overlay=dict(file=...)``, or ``dict(state_dict=...)`` of the tag whose pretrained_cfg (mean,
+std, crop) the model then carries. It accepts DeiT ``{'model': ...}`` .pth, timm .safetensors / .bin, drops a
+classifier of another class count and resamples the position embedding to another image size. A checkpoint of
+this toolkit is loaded from its own state dict instead, head included when the classes match: timm's path would
 re-initialise the head whenever ``num_classes`` differs from the pretrained config's.
 """
 import os
-from typing import Optional
+from typing import Optional, Union
 
 import timm
 import torch
 from torch import nn
 
 from utils.errors import UserError
+from .pretrained import HubWeights, resolve_pretrained
 from .registry import apply_method, convert_pretrained, method_name, new_param_prefixes
 
 TOOLKIT_FORMAT = 'vit-token-reduction/1'
@@ -109,49 +111,59 @@ def _from_toolkit_checkpoint(model: nn.Module, ckpt: dict, source: str) -> None:
 
 def build_model(name: str, method: str = 'none', method_cfg: Optional[dict] = None,
                 num_classes: int = 1000, img_size: Optional[int] = None,
-                pretrained: Optional[str] = None, **model_kwargs) -> nn.Module:
+                pretrained: Union[str, bool, None] = None, **model_kwargs) -> nn.Module:
     """A timm ViT ``name`` with ``num_classes`` outputs, turned into ``method``'s variant.
 
-    pretrained: path of a local weights file (DeiT/timm .pth, .safetensors, or a toolkit checkpoint).
+    pretrained: a local weights file (DeiT/timm .pth, .safetensors, or a toolkit checkpoint), True for the
+        model's default timm weights, a timm tag ('fb_in1k', 'deit_small_patch16_224.fb_in1k') or
+        'hf-hub:ORG/NAME' (see ``models.pretrained``).
     model_kwargs: passed to ``timm.create_model`` (e.g. depth=4, embed_dim=64 for a tiny test model).
     """
     kwargs = dict(num_classes=num_classes, **model_kwargs)
     if img_size:
         kwargs['img_size'] = img_size
-    ckpt = read_checkpoint(pretrained) if pretrained else None
+    weights = resolve_pretrained(name, pretrained)  # None, a file's path, or hub weights
+    hub = isinstance(weights, HubWeights)
+    label = weights.label if hub else weights
+    variant = weights.variant if hub else name  # a tag's variant carries that tag's pretrained_cfg
+    ckpt = weights.state_dict() if hub else read_checkpoint(weights) if weights else None
     converted = None  # (backbone, method's own parameters) of a method's official checkpoint
     try:
         if ckpt is not None and not is_toolkit_checkpoint(ckpt):
             converted = convert_pretrained(method, ckpt)
-            source = dict(file=os.path.abspath(pretrained)) if converted is None else dict(state_dict=converted[0])
+            if converted is not None:
+                source = dict(state_dict=converted[0])
+            else:
+                source = dict(state_dict=ckpt, hf_hub_id=weights.hub_id) if hub else dict(file=os.path.abspath(weights))
             with torch.device('meta'):  # the shapes of the model asked for, without memory or time
                 own = timm.create_model(name, **kwargs).state_dict()
             cause = architecture_difference(ckpt if converted is None else converted[0], own, name)  # timm would load another depth half-way, silently
             if cause:
-                raise UserError(f"weights in '{pretrained}' do not fit model '{name}': {cause}; "
+                raise UserError(f"weights in '{label}' do not fit model '{name}': {cause}; "
                                 f"pass the --model these weights were made for")
-            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=source, **kwargs)
+            model = timm.create_model(variant, pretrained=True, pretrained_cfg_overlay=source, **kwargs)
+            model.pretrained_cfg.pop('state_dict', None)  # timm keeps the overlay there: a second copy of the weights
         else:
             model = timm.create_model(name, **kwargs)
     except RuntimeError as err:
         if ckpt is None:
             raise
         detail = str(err).splitlines()[-1].strip()[:200]
-        raise UserError(f"weights in '{pretrained}' do not fit model '{name}': {detail}; "
+        raise UserError(f"weights in '{label}' do not fit model '{name}': {detail}; "
                         f"pass the --model these weights were made for") from None
     except (KeyError, AssertionError) as err:  # timm's filters raise these on foreign state dicts
         if ckpt is None:
             raise
-        raise UserError(f"weights in '{pretrained}' do not fit model '{name}' (key {err}); "
+        raise UserError(f"weights in '{label}' do not fit model '{name}' (key {err}); "
                         f"pass the --model these weights were made for") from None
     if not hasattr(model, 'blocks') or not hasattr(model, 'patch_embed'):
         raise UserError(f"'{name}' is not a Vision Transformer; use a timm ViT/DeiT name such as "
                         f"deit_small_patch16_224")
     if ckpt is not None and is_toolkit_checkpoint(ckpt):
-        _from_toolkit_checkpoint(model, ckpt, pretrained)
+        _from_toolkit_checkpoint(model, ckpt, label)
     model = apply_method(model, method, method_cfg)
     if converted is not None:
-        _load_method_params(model, converted[1], pretrained)
+        _load_method_params(model, converted[1], label)
     return model
 
 

@@ -1,0 +1,142 @@
+"""The training recipe: transforms without hidden parts, lr by the global batch, EMA warm-up, the metric that
+chooses best.pth (DGE within its budget), macro F1 as scikit-learn computes it."""
+import argparse
+import csv
+
+import pytest
+import torch
+import yaml
+from torchvision import transforms as T
+
+import train_gpu
+from conftest import TINY, TINY_FLAGS, make_image_folder
+from datasets.transforms import Augmentation, train_transform
+
+CFG = dict(input_size=(3, 32, 32), interpolation='bicubic', mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0)
+
+
+def _kinds(transform):
+    return [type(t).__name__ for t in transform.transforms]
+
+
+def test_no_colour_jitter_unless_asked():
+    assert 'ColorJitter' not in _kinds(train_transform(CFG, Augmentation(auto_augment='', re_prob=0)))
+    asked = train_transform(CFG, Augmentation(color_jitter=0.3))  # with RandAugment on too
+    jitter = next(t for t in asked.transforms if isinstance(t, T.ColorJitter))
+    assert jitter.brightness == pytest.approx((0.7, 1.3))
+    assert 'RandAugment' in _kinds(asked)
+
+
+def test_crop_ratio_and_interpolation_reach_the_crop():
+    crop = train_transform(CFG, Augmentation(scale=(0.5, 1.0), ratio=(1.0, 1.0), interpolation='bilinear')).transforms[0]
+    assert crop.scale == (0.5, 1.0) and crop.ratio == (1.0, 1.0)
+    assert 'bilinear' in repr(crop)
+
+
+def _args(**given):
+    defaults = dict(lr=None, lr_base=None, pretrained=None, batch_size=32, accum_steps=1)
+    return argparse.Namespace(**{**defaults, **given})
+
+
+def test_lr_follows_the_global_batch():
+    from utils.optim import LR_BASE, resolve_lr
+    lr = resolve_lr(_args(lr_base=1e-3, accum_steps=2), world_size=4)  # 32 x 4 processes x 2 steps = 256
+    assert lr.global_batch == 256 and lr.value == pytest.approx(1e-3 * 256 / 512)
+    assert resolve_lr(_args(lr=3e-4, lr_base=1e-3), 4).value == 3e-4  # --lr is absolute
+    assert resolve_lr(_args(), 1).value == pytest.approx(LR_BASE['scratch'] * 32 / 512)
+    assert resolve_lr(_args(pretrained=True), 1).value == pytest.approx(LR_BASE['pretrained'] * 32 / 512)
+    assert '--lr-base 0.001 x global batch 256 / 512' in str(resolve_lr(_args(lr_base=1e-3, accum_steps=2), 4))
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp('data'), per_class=16)
+
+
+def _flags(drop=('--lr',)):
+    """TINY_FLAGS without the flags in ``drop`` (and their value)."""
+    out, skip = [], False
+    for flag in TINY_FLAGS:
+        if skip:
+            skip = False
+            continue
+        if flag in drop:
+            skip = True
+            continue
+        out.append(flag)
+    return out
+
+
+def test_resolved_lr_is_logged_and_saved(data, tmp_path):
+    run = tmp_path / 'run'
+    assert train_gpu.main(['--data-root', str(data), '--output-dir', str(run), '--epochs', '1', *_flags(),
+                           '--lr-base', '2e-3', '--accum-steps', '2']) == 0
+    config = yaml.safe_load((run / 'config.yaml').read_text())
+    assert config['lr'] is None and config['lr_base'] == 2e-3
+    assert config['run_info']['global_batch'] == 32 and config['run_info']['lr'] == pytest.approx(2e-3 * 32 / 512)
+    assert 'learning rate 0.000125 (--lr-base 0.002 x global batch 32 / 512)' in (run / 'train.log').read_text()
+    rows = list(csv.DictReader((run / 'log.csv').open()))
+    assert float(rows[0]['lr']) <= 2e-3 * 32 / 512 * (1 + 1e-6)
+
+
+def _ema_distance(run):
+    ckpt = torch.load(run / 'last.pth', weights_only=True)
+    return sum((ckpt['model_ema'][k].float() - v.float()).norm() ** 2 for k, v in ckpt['model'].items()
+               if v.is_floating_point()) ** 0.5, ckpt['model']
+
+
+def test_ema_warmup_follows_a_short_run(data, tmp_path):
+    """Four updates: with the warm-up the EMA is near the trained weights; without, it is still the start."""
+    distances = {}
+    for warm in ('--model-ema-warmup', '--no-model-ema-warmup'):
+        run = tmp_path / warm
+        assert train_gpu.main(['--data-root', str(data), '--output-dir', str(run), '--epochs', '1', *TINY_FLAGS,
+                               '--model-ema', warm]) == 0
+        distances[warm] = _ema_distance(run)
+    (warm, model_w), (cold, model_c) = distances.values()
+    assert all(torch.equal(model_w[k], model_c[k]) for k in model_w)  # the EMA does not change the training
+    assert warm < 0.5 * cold
+
+
+@pytest.mark.parametrize('metric, column, pick', [('loss', 'val_loss', min), ('macro_f1', 'macro_f1', max)])
+def test_eval_metric_chooses_best(metric, column, pick, data, tmp_path):
+    run = tmp_path / 'run'
+    assert train_gpu.main(['--data-root', str(data), '--output-dir', str(run), '--epochs', '4', *TINY_FLAGS,
+                           '--eval-metric', metric]) == 0
+    rows = list(csv.DictReader((run / 'log.csv').open()))
+    values = [float(r[column]) for r in rows]
+    best = torch.load(run / 'best.pth', weights_only=True)
+    assert best['epoch'] == values.index(pick(values)) and best['eval_metric'] == metric
+    assert best['best_metric'] == pytest.approx(pick(values))
+    assert f'best {"val loss" if metric == "loss" else "macro F1"}' in (run / 'train.log').read_text()
+
+
+def test_resume_with_another_eval_metric_is_refused(data, tmp_path, capsys):
+    run = tmp_path / 'run'
+    assert train_gpu.main(['--data-root', str(data), '--output-dir', str(run), '--epochs', '1', *TINY_FLAGS]) == 0
+    capsys.readouterr()
+    assert train_gpu.main(['--resume', str(run / 'last.pth'), '--epochs', '2', '--eval-metric', 'loss']) == 2
+    assert '--eval-metric top1 (this run: loss)' in capsys.readouterr().err
+
+
+def test_macro_f1_is_scikit_learns():
+    from sklearn.metrics import f1_score
+    from utils.engine import StepSettings, evaluate
+    x, y = torch.randn(50, 5), torch.randint(0, 5, (50,))
+    x[:, 4] = -10  # class 4 is never predicted, class 3 may be absent from y
+    model = torch.nn.Identity()
+    stats = evaluate(model, [(x[i:i + 16], y[i:i + 16]) for i in range(0, 50, 16)],
+                     StepSettings(torch.device('cpu'), show_progress=False), 5)
+    assert stats['macro_f1'] == pytest.approx(100 * f1_score(y, x.argmax(1), average='macro'))
+
+
+def test_dge_best_is_within_its_budget():
+    from models import build_model
+    from models.registry import within_budget
+    from utils.selection import rank
+    dge = build_model('vit_tiny_patch16_224', 'dge', dict(budget=0.5, region=2, splits=[2, 1]), num_classes=3, **TINY)
+    assert within_budget(dge, dict(top1=90.0, val_compute_ratio=0.51))
+    assert not within_budget(dge, dict(top1=95.0, val_compute_ratio=0.7))
+    assert within_budget(build_model('vit_tiny_patch16_224', num_classes=3, **TINY), dict(top1=1.0))
+    assert rank(80.0, 'top1', True) > rank(95.0, 'top1', False)  # within the budget beats a better epoch over it
+    assert rank(0.3, 'loss', True) > rank(0.5, 'loss', True)

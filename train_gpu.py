@@ -21,8 +21,12 @@ from utils.selection import EVAL_METRICS
 
 # Without --data-root the built-in demo runs; these settings (under any flag you give) let a ViT learn its
 # 64-px pictures from scratch in a few minutes on a CPU.
-INTERPOLATIONS = ('bilinear', 'bicubic', 'nearest')
 DEMO_SETTINGS = dict(img_size=64, scale=(0.5, 1.0), epochs=20, batch_size=32, lr=1e-3)
+
+INTERPOLATIONS = ('bilinear', 'bicubic', 'nearest')
+# --recipe: defaults laid under the command line (the parser's own are 'light'); DeiT's main.py values
+RECIPES = dict(light={}, deit=dict(aa='rand-m9-mstd0.5-inc1', reprob=0.25, scale=(0.08, 1.0), mixup=0.8, cutmix=1.0,
+                                   drop_path=0.1, smoothing=0.1, crop_pct=None))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -69,22 +73,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--clip-grad', type=float, help='max gradient norm (off when not given)')
     g.add_argument('--accum-steps', type=int, default=1, help='gradient accumulation steps')
     g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    g.add_argument('--recipe', choices=sorted(RECIPES), default='light',
+                   help="defaults of the augmentation flags below: light (measured against a plain loop on short "
+                        "runs, see README) or deit (DeiT's 300-epoch ImageNet recipe: RandAugment, random erasing, "
+                        "Mixup 0.8 / CutMix 1.0, crop area from 0.08, the model's crop-pct); flags given win")
     g.add_argument('--mixup', type=float, default=0.0, help='Mixup alpha (0: off; DeiT uses 0.8)')
     g.add_argument('--cutmix', type=float, default=0.0, help='CutMix alpha (0: off; DeiT uses 1.0)')
-    g.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0), metavar=('MIN', 'MAX'),
-                   help='area range of the random resized crop')
+    g.add_argument('--scale', type=float, nargs=2, default=(0.35, 1.0), metavar=('MIN', 'MAX'),
+                   help='area range of the random resized crop (DeiT: 0.08 1)')
     g.add_argument('--ratio', type=float, nargs=2, default=(3 / 4, 4 / 3), metavar=('MIN', 'MAX'),
                    help='aspect-ratio range of the random resized crop')
     g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability (0 for text, digits)')
-    g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help="RandAugment policy ('' for none)")
+    g.add_argument('--aa', default='', help="RandAugment policy, e.g. rand-m9-mstd0.5-inc1 (DeiT's; '': none)")
     g.add_argument('--color-jitter', type=float, default=0.0,
                    help='colour jitter strength (brightness, contrast, saturation), e.g. 0.4 (0: off)')
-    g.add_argument('--reprob', type=float, default=0.25, help='random erasing probability')
+    g.add_argument('--reprob', type=float, default=0.0, help='random erasing probability (DeiT: 0.25)')
     g.add_argument('--train-interpolation', choices=INTERPOLATIONS + ('random',),
                    help="resize interpolation in training (default: the model's own)")
-    g.add_argument('--crop-pct', type=float,
-                   help="evaluation: resize to size / crop-pct, then centre-crop (default: the model's own, "
-                        "0.875 for DeiT; 1: resize only); saved in the checkpoint for predict.py and export.py")
+    g.add_argument('--crop-pct', type=float, default=1.0,
+                   help="evaluation: resize to size / crop-pct, then centre-crop (1: the whole image, as the training "
+                        "crops can be; 0: the model's own, 0.875 for DeiT); saved in the checkpoint for "
+                        "predict.py and export.py")
     g.add_argument('--interpolation', choices=INTERPOLATIONS,
                    help="evaluation resize interpolation (default: the model's own); saved in the checkpoint")
     g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=True,
@@ -145,7 +154,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         layers.append(load_yaml(first.config))
     if not any(source.get(key) for source in (vars(first), *layers) for key in ('data_root', 'train_dir')):
         layers.insert(0, DEMO_SETTINGS)
-    args = parse_layered(parser, argv, *layers) if layers else first
+    recipe = (parse_layered(parser, argv, *layers) if layers else first).recipe
+    if RECIPES[recipe]:
+        layers.insert(0, RECIPES[recipe])
+    args = parse_layered(get_args_parser(), argv, *layers) if layers else first
     args.resume = first.resume
     if auto and args.resume:  # the run found continues in its own folder
         args.output_dir = str(Path(args.resume).parent)

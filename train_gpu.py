@@ -67,20 +67,22 @@ def get_args_parser() -> argparse.ArgumentParser:
                         'accumulation steps) as DeiT does (default: 5e-4 with --pretrained, 4e-3 from scratch: '
                         '6.25e-5 / 5e-4 at batch 64)')
     g.add_argument('--min-lr', type=float, default=1e-6, help='end of the cosine schedule')
-    g.add_argument('--warmup-epochs', type=int, default=3)
+    g.add_argument('--warmup-epochs', type=int,
+                   help='linear warm-up of the learning rate (default: a tenth of --epochs, 1 to 5: DeiT warms up '
+                        '5 of 300)')
     g.add_argument('--weight-decay', type=float, default=0.05)
     g.add_argument('--layer-decay', type=float, help='layer-wise lr decay, e.g. 0.75 (off when not given)')
     g.add_argument('--clip-grad', type=float, help='max gradient norm (off when not given)')
     g.add_argument('--accum-steps', type=int, default=1, help='gradient accumulation steps')
     g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
     g.add_argument('--recipe', choices=sorted(RECIPES), default='light',
-                   help="defaults of the augmentation flags below: light (measured against a plain loop on short "
-                        "runs, see README) or deit (DeiT's 300-epoch ImageNet recipe: RandAugment, random erasing, "
-                        "Mixup 0.8 / CutMix 1.0, crop area from 0.08, the model's crop-pct); flags given win")
+                   help="defaults of the augmentation flags below: light (the whole image, flipped; measured against "
+                        "a plain loop, see README) or deit (DeiT's 300-epoch ImageNet recipe: RandAugment, random "
+                        "erasing, Mixup 0.8 / CutMix 1.0, crop area from 0.08, the model's crop-pct); flags given win")
     g.add_argument('--mixup', type=float, default=0.0, help='Mixup alpha (0: off; DeiT uses 0.8)')
     g.add_argument('--cutmix', type=float, default=0.0, help='CutMix alpha (0: off; DeiT uses 1.0)')
-    g.add_argument('--scale', type=float, nargs=2, default=(0.35, 1.0), metavar=('MIN', 'MAX'),
-                   help='area range of the random resized crop (DeiT: 0.08 1)')
+    g.add_argument('--scale', type=float, nargs=2, default=(1.0, 1.0), metavar=('MIN', 'MAX'),
+                   help='area range of the random resized crop (default: the whole image; DeiT: 0.08 1)')
     g.add_argument('--ratio', type=float, nargs=2, default=(3 / 4, 4 / 3), metavar=('MIN', 'MAX'),
                    help='aspect-ratio range of the random resized crop')
     g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability (0 for text, digits)')

@@ -48,6 +48,12 @@ def test_lr_follows_the_global_batch():
     assert '--lr-base 0.001 x global batch 256 / 512' in str(resolve_lr(_args(lr_base=1e-3, accum_steps=2), 4))
 
 
+def test_warmup_is_a_tenth_of_the_run():
+    from utils.optim import warmup_epochs
+    assert [warmup_epochs(argparse.Namespace(warmup_epochs=None, epochs=e)) for e in (2, 8, 30, 300)] == [1, 1, 3, 5]
+    assert warmup_epochs(argparse.Namespace(warmup_epochs=0, epochs=30)) == 0
+
+
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp('data'), per_class=16)
@@ -144,7 +150,7 @@ def test_dge_best_is_within_its_budget():
 
 def test_recipe_lays_defaults_under_the_flags(tmp_path):
     light = train_gpu.parse_args(['--data-root', str(tmp_path)])
-    assert (light.aa, light.reprob, light.mixup, tuple(light.scale), light.crop_pct) == ('', 0.0, 0.0, (0.35, 1.0), 1.0)
+    assert (light.aa, light.reprob, light.mixup, tuple(light.scale), light.crop_pct) == ('', 0.0, 0.0, (1.0, 1.0), 1.0)
     deit = train_gpu.parse_args(['--data-root', str(tmp_path), '--recipe', 'deit', '--reprob', '0.1'])
     assert (deit.aa, deit.reprob, deit.mixup, deit.cutmix, tuple(deit.scale), deit.crop_pct) == \
         ('rand-m9-mstd0.5-inc1', 0.1, 0.8, 1.0, (0.08, 1.0), None)

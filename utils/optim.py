@@ -56,3 +56,11 @@ def resolve_lr(args, world_size: int) -> LearningRate:
         return LearningRate(args.lr, global_batch)
     base = args.lr_base if args.lr_base is not None else LR_BASE['pretrained' if args.pretrained else 'scratch']
     return LearningRate(base * global_batch / LR_BASE_SIZE, global_batch, base)
+
+
+def warmup_epochs(args) -> int:
+    """``--warmup-epochs``, or a tenth of ``--epochs`` between 1 and 5 (DeiT: 5 of 300; 1 of a short run, whose
+    few updates a long warm-up would spend at a low rate)."""
+    if args.warmup_epochs is not None:
+        return args.warmup_epochs
+    return min(5, max(1, round(args.epochs / 10)))

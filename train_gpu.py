@@ -56,7 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "Face cache, offline from it with HF_HUB_OFFLINE=1); or a local .pth / .safetensors / toolkit "
                         "checkpoint")
     g.add_argument('--img-size', type=int, help="input size (default: the model's own)")
-    g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate')
+    g.add_argument('--drop-path', type=float, default=0.0, help='stochastic depth rate (DeiT: 0.1)')
     g.add_argument('--method', choices=METHODS, default='none', help='token-reduction method')
     g = p.add_argument_group('optimisation')
     g.add_argument('--batch-size', type=int, default=64, help='per process')
@@ -68,8 +68,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         '6.25e-5 / 5e-4 at batch 64)')
     g.add_argument('--min-lr', type=float, default=1e-6, help='end of the cosine schedule')
     g.add_argument('--warmup-epochs', type=int,
-                   help='linear warm-up of the learning rate (default: a tenth of --epochs, 1 to 5: DeiT warms up '
-                        '5 of 300)')
+                   help='linear warm-up of the learning rate (default: 30%% of --epochs as a one-cycle schedule, '
+                        'rounded up, at most 5 as DeiT)')
     g.add_argument('--weight-decay', type=float, default=0.05)
     g.add_argument('--layer-decay', type=float, help='layer-wise lr decay, e.g. 0.75 (off when not given)')
     g.add_argument('--clip-grad', type=float, help='max gradient norm (off when not given)')

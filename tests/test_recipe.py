@@ -48,9 +48,10 @@ def test_lr_follows_the_global_batch():
     assert '--lr-base 0.001 x global batch 256 / 512' in str(resolve_lr(_args(lr_base=1e-3, accum_steps=2), 4))
 
 
-def test_warmup_is_a_tenth_of_the_run():
+def test_warmup_is_30_percent_of_the_run_at_most_5():
     from utils.optim import warmup_epochs
-    assert [warmup_epochs(argparse.Namespace(warmup_epochs=None, epochs=e)) for e in (2, 8, 30, 300)] == [1, 1, 3, 5]
+    assert [warmup_epochs(argparse.Namespace(warmup_epochs=None, epochs=e)) for e in (2, 8, 10, 30, 300)] == \
+        [1, 3, 3, 5, 5]
     assert warmup_epochs(argparse.Namespace(warmup_epochs=0, epochs=30)) == 0
 
 
@@ -80,6 +81,7 @@ def test_resolved_lr_is_logged_and_saved(data, tmp_path):
     config = yaml.safe_load((run / 'config.yaml').read_text())
     assert config['lr'] is None and config['lr_base'] == 2e-3
     assert config['run_info']['global_batch'] == 32 and config['run_info']['lr'] == pytest.approx(2e-3 * 32 / 512)
+    assert config['run_info']['warmup_epochs'] == 1
     assert 'learning rate 0.000125 (--lr-base 0.002 x global batch 32 / 512)' in (run / 'train.log').read_text()
     rows = list(csv.DictReader((run / 'log.csv').open()))
     assert float(rows[0]['lr']) <= 2e-3 * 32 / 512 * (1 + 1e-6)

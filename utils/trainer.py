@@ -177,7 +177,7 @@ def write_run_files(run_dir: Path, args, meta: dict, split: Split, info: DistInf
     """config.yaml, the classes and the exact split (and the files skipped) in the run folder; summary lines."""
     run_files.write_config(run_dir / 'config.yaml', args,
                            dict(method_cfg=meta['method_cfg'], lr=lr.value, global_batch=lr.global_batch,
-                                **run_files.environment(REPO)))
+                                warmup_epochs=warmup_epochs(args), **run_files.environment(REPO)))
     run_files.write_class_indices(run_dir / 'class_indices.json', split.classes)
     run_files.write_file_list(run_dir / 'train_files.csv', split.train, split.classes)
     run_files.write_file_list(run_dir / 'val_files.csv', split.val, split.classes)

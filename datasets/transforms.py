@@ -27,22 +27,29 @@ def data_config(model, img_size: Optional[int] = None, crop_pct: Optional[float]
 class Augmentation:
     """The training augmentation, each part named: random resized crop (area ``scale``, aspect ``ratio``),
     flip, RandAugment policy (``auto_augment``, '' for none), colour jitter strength (0: none), random
-    erasing probability, and the resize interpolation (None: the model's; 'random' as timm)."""
-    scale: Tuple[float, float] = (0.08, 1.0)
-    ratio: Tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
-    auto_augment: str = 'rand-m9-mstd0.5-inc1'
-    color_jitter: float = 0.0
-    re_prob: float = 0.25
-    interpolation: Optional[str] = None
+    erasing probability, and the resize interpolation (None: the model's; 'random' as timm). Its defaults are
+    train_gpu.py's flags (``from_args``), which own them."""
+    scale: Tuple[float, float]
+    ratio: Tuple[float, float]
+    hflip: float
+    auto_augment: str
+    color_jitter: float
+    re_prob: float
+    interpolation: Optional[str]
+
+    @classmethod
+    def from_args(cls, args) -> 'Augmentation':
+        return cls(tuple(args.scale), tuple(args.ratio), args.hflip, args.aa, args.color_jitter, args.reprob,
+                   args.train_interpolation)
 
 
-def train_transform(cfg: dict, aug: Augmentation = Augmentation()):
+def train_transform(cfg: dict, aug: Augmentation):
+    """timm's ImageNet training transform with every part of ``aug`` given, nothing left to its defaults."""
     return transforms_imagenet_train(tuple(cfg['input_size'][-2:]), scale=tuple(aug.scale), ratio=tuple(aug.ratio),
-                            hflip=aug.hflip, auto_augment=aug.auto_augment or None,
-                            color_jitter=aug.color_jitter or None, force_color_jitter=aug.color_jitter > 0,
-                            interpolation=aug.interpolation or cfg['interpolation'], mean=cfg['mean'],
-                            std=cfg['std'], re_prob=aug.re_prob, re_mode='pixel')
+                                     hflip=aug.hflip, auto_augment=aug.auto_augment or None,
+                                     color_jitter=aug.color_jitter or None, force_color_jitter=aug.color_jitter > 0,
+                                     interpolation=aug.interpolation or cfg['interpolation'], mean=cfg['mean'],
+                                     std=cfg['std'], re_prob=aug.re_prob, re_mode='pixel')
 
 
 def eval_transform(cfg: dict):

@@ -19,16 +19,22 @@ def _kinds(transform):
     return [type(t).__name__ for t in transform.transforms]
 
 
-def test_no_colour_jitter_unless_asked():
-    assert 'ColorJitter' not in _kinds(train_transform(CFG, Augmentation(auto_augment='', re_prob=0)))
-    asked = train_transform(CFG, Augmentation(color_jitter=0.3))  # with RandAugment on too
+def _aug(tmp_path, *flags):
+    """The augmentation train_gpu.py builds from ``flags``."""
+    return Augmentation.from_args(train_gpu.parse_args(['--data-root', str(tmp_path), *flags]))
+
+
+def test_no_colour_jitter_unless_asked(tmp_path):
+    assert 'ColorJitter' not in _kinds(train_transform(CFG, _aug(tmp_path)))
+    asked = train_transform(CFG, _aug(tmp_path, '--color-jitter', '0.3', '--aa', 'rand-m9-mstd0.5-inc1'))  # + RandAugment
     jitter = next(t for t in asked.transforms if isinstance(t, T.ColorJitter))
     assert jitter.brightness == pytest.approx((0.7, 1.3))
     assert 'RandAugment' in _kinds(asked)
 
 
-def test_crop_ratio_and_interpolation_reach_the_crop():
-    crop = train_transform(CFG, Augmentation(scale=(0.5, 1.0), ratio=(1.0, 1.0), interpolation='bilinear')).transforms[0]
+def test_crop_ratio_and_interpolation_reach_the_crop(tmp_path):
+    aug = _aug(tmp_path, '--scale', '0.5', '1', '--ratio', '1', '1', '--train-interpolation', 'bilinear')
+    crop = train_transform(CFG, aug).transforms[0]
     assert crop.scale == (0.5, 1.0) and crop.ratio == (1.0, 1.0)
     assert 'bilinear' in repr(crop)
 

@@ -191,10 +191,8 @@ def write_run_files(run_dir: Path, args, meta: dict, split: Split, info: DistInf
 
 def make_loaders(args, split: Split, cfg: dict, info: DistInfo):
     pin = info.device.type == 'cuda'
-    aug = Augmentation(tuple(args.scale), tuple(args.ratio), args.hflip, args.aa, args.color_jitter, args.reprob,
-                       args.train_interpolation)
-    loader = train_loader(split.train, train_transform(cfg, aug), args.batch_size, args.workers, info.rank,
-                          info.world_size, args.seed, args.class_balance, pin)
+    loader = train_loader(split.train, train_transform(cfg, Augmentation.from_args(args)), args.batch_size,
+                          args.workers, info.rank, info.world_size, args.seed, args.class_balance, pin)
     val_loader = eval_loader(split.val, eval_transform(cfg), args.batch_size, args.workers, info.rank,
                              info.world_size, pin)
     return loader, val_loader

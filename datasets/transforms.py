@@ -10,11 +10,16 @@ from typing import Optional, Tuple
 from timm.data import create_transform, resolve_data_config
 from timm.data.transforms_factory import transforms_imagenet_train
 
+from utils.errors import UserError
+
 
 def data_config(model, img_size: Optional[int] = None, crop_pct: Optional[float] = None,
                 interpolation: Optional[str] = None) -> dict:
     """The model's own input description (size, interpolation, mean, std, crop_pct) at ``img_size``; the
     eval ``crop_pct`` and ``interpolation`` may be set instead of the model's."""
+    if crop_pct is not None and not 0 <= crop_pct <= 1:
+        raise UserError(f'--crop-pct must be between 0 and 1 (got {crop_pct}): 1 evaluates the whole image, 0 takes '
+                        f"the model's own")
     cfg = resolve_data_config({}, model=model)
     if img_size:
         cfg['input_size'] = (3, img_size, img_size)

@@ -174,3 +174,10 @@ def test_deit_recipe_evaluates_with_the_models_crop(data, tmp_path):
     best = torch.load(run / 'best.pth', weights_only=True)
     assert best['data_config']['crop_pct'] == 0.9  # vit_tiny_patch16_224's own
     assert best['args']['mixup'] == 0.8 and best['args']['aa'] == ''  # TINY_FLAGS' --aa '' wins
+
+
+def test_crop_pct_out_of_range_is_one_line(data, tmp_path, capsys):
+    assert train_gpu.main(['--data-root', str(data), '--output-dir', str(tmp_path / 'run'), '--epochs', '1',
+                           *TINY_FLAGS, '--crop-pct', '-1']) == 2
+    err = capsys.readouterr().err
+    assert 'error: --crop-pct must be between 0 and 1 (got -1.0)' in err and 'Traceback' not in err

@@ -17,6 +17,7 @@ from pathlib import Path
 from models.registry import METHODS, add_method_args, method_cfg_from_args
 from utils.config import load_yaml, parse_key_values, parse_layered
 from utils.errors import run_cli
+from utils.schedule import SCHEDULES
 from utils.selection import EVAL_METRICS
 
 # Without --data-root the built-in demo runs; these settings (under any flag you give) let a ViT learn its
@@ -26,7 +27,7 @@ DEMO_SETTINGS = dict(img_size=64, scale=(0.5, 1.0), epochs=20, batch_size=32, lr
 INTERPOLATIONS = ('bilinear', 'bicubic', 'nearest')
 # --recipe: defaults laid under the command line (the parser's own are 'light'); DeiT's main.py values
 RECIPES = dict(light={}, deit=dict(aa='rand-m9-mstd0.5-inc1', reprob=0.25, scale=(0.08, 1.0), mixup=0.8, cutmix=1.0,
-                                   drop_path=0.1, smoothing=0.1, crop_pct=None))
+                                   drop_path=0.1, smoothing=0.1, crop_pct=None, sched='cosine'))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -66,19 +67,24 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='peak learning rate per 512 images, scaled by the global batch (batch size x processes x '
                         'accumulation steps) as DeiT does (default: 5e-4 with --pretrained, 4e-3 from scratch: '
                         '6.25e-5 / 5e-4 at batch 64)')
-    g.add_argument('--min-lr', type=float, default=1e-6, help='end of the cosine schedule')
+    g.add_argument('--sched', choices=SCHEDULES, default='onecycle',
+                   help="learning-rate schedule, per update: onecycle (cosine up from lr/25 and down to --min-lr, "
+                        "Adam's beta1 0.95 -> 0.85 -> 0.95 against it, as PyTorch's OneCycleLR) or cosine (linear "
+                        "warm-up from lr/1000, then timm's cosine, as DeiT)")
+    g.add_argument('--min-lr', type=float, default=1e-6, help='the learning rate at the end of the run')
     g.add_argument('--warmup-epochs', type=int,
-                   help='linear warm-up of the learning rate (default: 30%% of --epochs as a one-cycle schedule, '
-                        'rounded up, at most 5 as DeiT)')
+                   help='epochs of rising learning rate (default: 30%% of --epochs, as a one-cycle schedule, at '
+                        'most 5, as DeiT)')
     g.add_argument('--weight-decay', type=float, default=0.05)
     g.add_argument('--layer-decay', type=float, help='layer-wise lr decay, e.g. 0.75 (off when not given)')
     g.add_argument('--clip-grad', type=float, help='max gradient norm (off when not given)')
     g.add_argument('--accum-steps', type=int, default=1, help='gradient accumulation steps')
     g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
     g.add_argument('--recipe', choices=sorted(RECIPES), default='light',
-                   help="defaults of the augmentation flags below: light (the whole image, flipped; measured against "
-                        "a plain loop, see README) or deit (DeiT's 300-epoch ImageNet recipe: RandAugment, random "
-                        "erasing, Mixup 0.8 / CutMix 1.0, crop area from 0.08, the model's crop-pct); flags given win")
+                   help="defaults of the augmentation flags below and of --sched: light (the whole image, flipped, "
+                        "onecycle; measured against a plain loop, see README) or deit (DeiT's 300-epoch ImageNet "
+                        "recipe: RandAugment, random erasing, Mixup 0.8 / CutMix 1.0, crop area from 0.08, the model's "
+                        "crop-pct, cosine); flags given win")
     g.add_argument('--mixup', type=float, default=0.0, help='Mixup alpha (0: off; DeiT uses 0.8)')
     g.add_argument('--cutmix', type=float, default=0.0, help='CutMix alpha (0: off; DeiT uses 1.0)')
     g.add_argument('--scale', type=float, nargs=2, default=(1.0, 1.0), metavar=('MIN', 'MAX'),
@@ -138,6 +144,7 @@ def resume_layer(path: str, parser) -> dict:
     """The resumed run's own settings, so ``--resume X`` alone continues it as it was."""
     from utils.checkpoint import load_resume_checkpoint
     saved = load_resume_checkpoint(path).get('args', {})
+    saved.setdefault('sched', 'cosine')  # a run from before --sched continues on the schedule it began with
     known = {a.dest for a in parser._actions} - {'resume', 'config', 'output_dir', 'local_rank', 'help'}
     return {k: v for k, v in saved.items() if k in known}
 

@@ -26,7 +26,7 @@ def make_image_folder(root, classes=('checker', 'stripes_h', 'stripes_v'), per_c
 
 TINY_FLAGS = ['--model', 'vit_tiny_patch16_224', '--img-size', '32', '--model-kwargs', 'patch_size=8', 'depth=4',
               'embed_dim=64', 'num_heads=2', '--workers', '0', '--no-report', '--batch-size', '16',
-              '--warmup-epochs', '1', '--lr', '1e-3', '--aa', '', '--reprob', '0', '--drop-path', '0', '--scale', '0.8', '1']
+              '--lr', '1e-3', '--aa', '', '--reprob', '0', '--drop-path', '0', '--scale', '0.8', '1']
 
 
 def tokens_per_block(model, x):

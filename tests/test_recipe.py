@@ -55,10 +55,56 @@ def test_lr_follows_the_global_batch():
 
 
 def test_warmup_is_30_percent_of_the_run_at_most_5():
-    from utils.optim import warmup_epochs
+    from utils.errors import UserError
+    from utils.schedule import warmup_epochs
     assert [warmup_epochs(argparse.Namespace(warmup_epochs=None, epochs=e)) for e in (2, 8, 10, 30, 300)] == \
-        [1, 3, 3, 5, 5]
+        pytest.approx([0.6, 2.4, 3, 5, 5])
     assert warmup_epochs(argparse.Namespace(warmup_epochs=0, epochs=30)) == 0
+    with pytest.raises(UserError, match='--warmup-epochs 8 leaves no epoch of --epochs 8'):
+        warmup_epochs(argparse.Namespace(warmup_epochs=8, epochs=8))
+
+
+def test_cosine_reaches_the_peak_after_warmup_then_falls_to_min_lr():
+    """timm's cosine without warmup_prefix spans the whole run: after 3 of 8 warm-up epochs it resumed at 0.66 of
+    the peak, which the run never reached."""
+    from utils.schedule import lr_schedule
+    optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+    schedule = lr_schedule(optimizer, 'cosine', 1.0, epochs=8, warmup=2.4, min_lr=1e-6, updates_per_epoch=5)
+    lrs = [schedule._get_lr(t)[0] for t in range(41)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[12] == pytest.approx(1.0)  # 2.4 epochs = 12 updates
+    assert all(a < b for a, b in zip(lrs[:12], lrs[1:13]))  # rising
+    assert all(a > b for a, b in zip(lrs[12:40], lrs[13:41]))  # then falling
+    assert lrs[40] == pytest.approx(1e-6)
+
+
+def test_onecycle_follows_pytorchs_onecycle_and_cycles_beta1():
+    """Rate and Adam's beta1 as torch's OneCycleLR (its defaults) at every update, the layer-decay group at its
+    lr_scale; a schedule built at update 20 (a resume) continues where one stepped to 20 is. Torch counts its
+    phases to the step before each end (its peak at pct_start x total - 1), hence 41 steps with the peak at 12."""
+    from utils.schedule import lr_schedule
+
+    def optimizer():
+        w = [torch.nn.Parameter(torch.zeros(2)) for _ in range(2)]
+        return torch.optim.AdamW([dict(params=[w[0]]), dict(params=[w[1]], lr_scale=0.5)], lr=1.0)
+
+    ours = optimizer()
+    schedule = lr_schedule(ours, 'onecycle', 1.0, epochs=8, warmup=2.4, min_lr=1e-6, updates_per_epoch=5)
+    theirs = optimizer()
+    reference = torch.optim.lr_scheduler.OneCycleLR(theirs, [1.0, 0.5], total_steps=41, pct_start=13 / 41,
+                                                    final_div_factor=4e4)
+    seen = []
+    for t in range(41):
+        schedule.step_update(t)
+        seen.append((ours.param_groups[0]['lr'], ours.param_groups[0]['betas'][0]))
+        assert seen[-1] == pytest.approx((theirs.param_groups[0]['lr'], theirs.param_groups[0]['betas'][0]))
+        assert ours.param_groups[1]['lr'] == pytest.approx(theirs.param_groups[1]['lr'])
+        theirs.step()
+        reference.step()
+    assert seen[0] == pytest.approx((1 / 25, 0.95)) and seen[12] == pytest.approx((1.0, 0.85))
+    assert seen[40] == pytest.approx((1e-6, 0.95))
+    resumed = optimizer()
+    lr_schedule(resumed, 'onecycle', 1.0, epochs=8, warmup=2.4, min_lr=1e-6, updates_per_epoch=5).step_update(20)
+    assert (resumed.param_groups[0]['lr'], resumed.param_groups[0]['betas'][0]) == pytest.approx(seen[20])
 
 
 @pytest.fixture(scope='module')
@@ -87,7 +133,7 @@ def test_resolved_lr_is_logged_and_saved(data, tmp_path):
     config = yaml.safe_load((run / 'config.yaml').read_text())
     assert config['lr'] is None and config['lr_base'] == 2e-3
     assert config['run_info']['global_batch'] == 32 and config['run_info']['lr'] == pytest.approx(2e-3 * 32 / 512)
-    assert config['run_info']['warmup_epochs'] == 1
+    assert config['run_info']['warmup_epochs'] == pytest.approx(0.3)  # 30 % of 1 epoch
     assert 'learning rate 0.000125 (--lr-base 0.002 x global batch 32 / 512)' in (run / 'train.log').read_text()
     rows = list(csv.DictReader((run / 'log.csv').open()))
     assert float(rows[0]['lr']) <= 2e-3 * 32 / 512 * (1 + 1e-6)
@@ -158,10 +204,11 @@ def test_dge_best_is_within_its_budget():
 
 def test_recipe_lays_defaults_under_the_flags(tmp_path):
     light = train_gpu.parse_args(['--data-root', str(tmp_path)])
-    assert (light.aa, light.reprob, light.mixup, tuple(light.scale), light.crop_pct) == ('', 0.0, 0.0, (1.0, 1.0), 1.0)
+    assert (light.aa, light.reprob, light.mixup, tuple(light.scale), light.crop_pct, light.sched) == \
+        ('', 0.0, 0.0, (1.0, 1.0), 1.0, 'onecycle')
     deit = train_gpu.parse_args(['--data-root', str(tmp_path), '--recipe', 'deit', '--reprob', '0.1'])
-    assert (deit.aa, deit.reprob, deit.mixup, deit.cutmix, tuple(deit.scale), deit.crop_pct) == \
-        ('rand-m9-mstd0.5-inc1', 0.1, 0.8, 1.0, (0.08, 1.0), None)
+    assert (deit.aa, deit.reprob, deit.mixup, deit.cutmix, tuple(deit.scale), deit.crop_pct, deit.sched) == \
+        ('rand-m9-mstd0.5-inc1', 0.1, 0.8, 1.0, (0.08, 1.0), None, 'cosine')
     (tmp_path / 'c.yaml').write_text('recipe: deit\nmixup: 0.2\n')
     from_file = train_gpu.parse_args(['--data-root', str(tmp_path), '--config', str(tmp_path / 'c.yaml')])
     assert (from_file.aa, from_file.mixup) == ('rand-m9-mstd0.5-inc1', 0.2)

@@ -40,10 +40,10 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def run(data, tmp_path_factory):
-    """A 3-epoch run at batch 8 (3 updates per epoch), warm-up 1 epoch."""
+    """A 3-epoch run at batch 8 (3 updates per epoch), no warm-up."""
     run = tmp_path_factory.mktemp('run')
     assert train_gpu.main(['--data-root', str(data), '--output-dir', str(run), '--epochs', '3', *TINY_FLAGS,
-                           '--batch-size', '8']) == 0
+                           '--batch-size', '8', '--warmup-epochs', '0']) == 0
     return run
 
 
@@ -125,6 +125,15 @@ def test_resume_with_another_batch_size_keeps_the_schedule_in_epochs(copy):
         e = int(row['epoch'])
         expected = 1e-6 + 0.5 * (1e-3 - 1e-6) * (1 + math.cos(math.pi * (e + 1) / 5))
         assert float(row['lr']) == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_run_from_before_sched_resumes_on_the_cosine_it_began_with(copy):
+    last = torch.load(copy / 'last.pth', weights_only=True)
+    assert last['args']['sched'] == 'onecycle'
+    del last['args']['sched']
+    torch.save(last, copy / 'last.pth')
+    assert train_gpu.parse_args(['--resume', str(copy / 'last.pth')]).sched == 'cosine'
+    assert train_gpu.parse_args(['--resume', str(copy / 'last.pth'), '--sched', 'onecycle']).sched == 'onecycle'
 
 
 def test_epoch_end_writes_best_then_last_then_the_log(data, tmp_path, monkeypatch):

@@ -1,7 +1,6 @@
 """AdamW through timm (weight-decay groups, optional layer decay), with a method's new parameters in a group of
 their own when the method asks for a larger learning rate (``new_param_lr_scale``, e.g. DGE's routers); the peak
 learning rate from ``--lr`` or ``--lr-base`` scaled by the global batch."""
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -57,11 +56,3 @@ def resolve_lr(args, world_size: int) -> LearningRate:
         return LearningRate(args.lr, global_batch)
     base = args.lr_base if args.lr_base is not None else LR_BASE['pretrained' if args.pretrained else 'scratch']
     return LearningRate(base * global_batch / LR_BASE_SIZE, global_batch, base)
-
-
-def warmup_epochs(args) -> int:
-    """``--warmup-epochs``, or 30 % of ``--epochs`` rounded up (a one-cycle schedule's share; a ViT trained from
-    scratch on a few hundred images stalled with 1 of 8 epochs), at most 5 (DeiT: 5 of 300)."""
-    if args.warmup_epochs is not None:
-        return args.warmup_epochs
-    return min(5, math.ceil(0.3 * args.epochs))

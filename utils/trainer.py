@@ -13,7 +13,6 @@ from typing import Optional
 import numpy as np
 import torch
 from timm.data import Mixup
-from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch import nn
 
@@ -29,7 +28,8 @@ from utils.curves import TrainingCurves, add_curves_to_report
 from utils.data import class_weights, eval_loader, train_loader
 from utils.distributed import DistInfo, barrier, cleanup, init_distributed, on_main_process
 from utils.engine import StepSettings, evaluate, train_one_epoch
-from utils.optim import build_optimizer, resolve_lr, warmup_epochs
+from utils.optim import build_optimizer, resolve_lr
+from utils.schedule import lr_schedule, warmup_epochs
 from utils.selection import describe, metric_value, rank
 from utils.errors import UserError
 
@@ -186,7 +186,7 @@ def write_run_files(run_dir: Path, args, meta: dict, split: Split, info: DistInf
     log.info(f"data: {len(split.train)} train / {len(split.val)} val images, {len(split.classes)} classes, "
              f"{len(split.skipped)} files skipped; model {args.model} + {args.method} "
              f"{meta['method_cfg'] or '(dense)'} on {info.device}, world size {info.world_size}; run folder {run_dir}")
-    log.info(f'learning rate {lr}, warm-up {warmup_epochs(args)} epochs')
+    log.info(f'learning rate {lr}, warm-up {warmup_epochs(args):g} epochs')
 
 
 def make_loaders(args, split: Split, cfg: dict, info: DistInfo):
@@ -214,9 +214,8 @@ class Optimisation:
 def build_optimisation(args, model, loader, split: Split, lr: float, device: torch.device) -> Optimisation:
     optimizer = build_optimizer(model, lr, args.weight_decay, args.layer_decay)
     updates_per_epoch = math.ceil(len(loader) / args.accum_steps)
-    scheduler = create_scheduler_v2(optimizer, sched='cosine', num_epochs=args.epochs, min_lr=args.min_lr,
-                                    warmup_epochs=warmup_epochs(args), warmup_lr=lr * 1e-3,
-                                    step_on_epochs=False, updates_per_epoch=updates_per_epoch)[0]
+    scheduler = lr_schedule(optimizer, args.sched, lr, args.epochs, warmup_epochs(args), args.min_lr,
+                            updates_per_epoch)
     amp_dtype, scaler = amp_settings(args.amp, device)
     ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) if args.model_ema else None
     num_classes = len(split.classes)

@@ -1,20 +1,24 @@
 """Small ImageFolders of real pictures, to compare training recipes on data nobody tuned to.
 
-    python tools/real_datasets.py --out data/real            # digits, photos, textures (train/ + val/)
+    python tools/real_datasets.py --out data/real            # digits, photos, textures, demo (train/ + val/)
 
 - digits: scikit-learn's 1,797 scanned hand-written digits (8 x 8 grey), 10 classes, enlarged to 64 px.
 - photos: 8 photographs of scikit-image (astronaut, cat, coffee, rocket, Hubble field, tissue stain, retina,
   camera man), 200 random crops each (32-160 px sides, any place); the class is the photograph.
 - textures: 8 grey pictures of scikit-image (brick, grass, gravel, moon, cells, coins, page, text), 200 crops each.
+- demo: the built-in demo's generated textures (4 classes, 100 each; what train_gpu.py trains without --data-root).
 
 photos and textures need scikit-image (``pip install scikit-image``). Each set is split 80/20 per class, with a
 fixed seed, so every run sees the same files.
 """
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for the demo's generator
 
 PHOTOS = ('astronaut', 'chelsea', 'coffee', 'rocket', 'hubble_deep_field', 'immunohistochemistry', 'retina',
           'camera')
@@ -39,6 +43,12 @@ def digits(root: Path, size: int, rng: np.random.Generator) -> None:
         images = [Image.fromarray(p).resize((size, size), Image.NEAREST).convert('RGB')
                   for p in pictures[data.target == label]]
         save_split(root, str(label), images, 0.2, rng)
+
+
+def demo(root: Path, size: int, rng: np.random.Generator) -> None:
+    from datasets.demo import CLASSES, draw_texture
+    for name in CLASSES:
+        save_split(root, name, [draw_texture(name, rng, size) for _ in range(100)], 0.2, rng)
 
 
 def crops(picture: np.ndarray, count: int, size: int, rng: np.random.Generator):
@@ -66,8 +76,8 @@ def pictures(root: Path, names, size: int, per_class: int, rng: np.random.Genera
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--out', default='data/real', help='folder that receives one folder per set')
-    p.add_argument('--sets', nargs='+', default=['digits', 'photos', 'textures'],
-                   choices=['digits', 'photos', 'textures'])
+    p.add_argument('--sets', nargs='+', default=['digits', 'photos', 'textures', 'demo'],
+                   choices=['digits', 'photos', 'textures', 'demo'])
     p.add_argument('--size', type=int, default=64, help='side of the written images in pixels')
     p.add_argument('--per-class', type=int, default=200, help='crops per photograph (photos, textures)')
     p.add_argument('--seed', type=int, default=0)
@@ -80,6 +90,8 @@ def main(argv=None) -> None:
         rng = np.random.default_rng(args.seed)
         if name == 'digits':
             digits(root, args.size, rng)
+        elif name == 'demo':
+            demo(root, args.size, rng)
         else:
             pictures(root, PHOTOS if name == 'photos' else TEXTURES, args.size, args.per_class, rng)
         print(f'{root}: {sum(1 for _ in root.rglob("*.png"))} images')

@@ -228,3 +228,11 @@ def test_crop_pct_out_of_range_is_one_line(data, tmp_path, capsys):
                            *TINY_FLAGS, '--crop-pct', '-1']) == 2
     err = capsys.readouterr().err
     assert 'error: --crop-pct must be between 0 and 1 (got -1.0)' in err and 'Traceback' not in err
+
+
+def test_warmup_as_long_as_the_run_is_refused_before_the_run_folder(data, tmp_path, capsys):
+    assert train_gpu.main(['--data-root', str(data), '--output-dir', str(tmp_path / 'run'), '--epochs', '2',
+                           *TINY_FLAGS, '--warmup-epochs', '2']) == 2
+    err = capsys.readouterr().err
+    assert 'error: --warmup-epochs 2 leaves no epoch of --epochs 2' in err and 'Traceback' not in err
+    assert not (tmp_path / 'run').exists()

@@ -48,7 +48,7 @@ class OneCycle:
         progress = min(1.0, (num_updates - self.warmup_t) / max(1, self.total - self.warmup_t))
         return _cosine(self.lr, self.min_lr, progress), _cosine(*reversed(self.BETA1), progress)
 
-    def step_update(self, num_updates: int, metric=None) -> None:
+    def step_update(self, num_updates: int) -> None:
         lr, beta1 = self.values(num_updates)
         for group in self.optimizer.param_groups:
             group['lr'] = lr * group.get('lr_scale', 1.0)

@@ -92,14 +92,14 @@ def _train(args, info: DistInfo) -> Path:
     seed_everything(args.seed + info.rank)
     curves = TrainingCurves(args.log_tensorboard)  # a missing tensorboard stops the run here
     resume_ckpt = load_resume_checkpoint(args.resume) if args.resume else None
+    lr, warmup = resolve_lr(args, info.world_size), warmup_epochs(args)  # a bad flag is refused before the run folder
     run_dir = prepare_run_dir(args, info)
     split = on_main_process(scan_data, args)
     model, meta = build_run_model(args, split.classes, resume_ckpt, info)
-    lr = resolve_lr(args, info.world_size)
     if info.is_main:
-        write_run_files(run_dir, args, meta, split, info, lr)
+        write_run_files(run_dir, args, meta, split, info, lr, warmup)
     loader, val_loader = make_loaders(args, split, meta['data_config'], info)
-    opt = build_optimisation(args, model, loader, split, lr.value, info.device)
+    opt = build_optimisation(args, model, loader, split, lr.value, warmup, info.device)
     progress = resume(resume_ckpt, args, model, opt, info) if resume_ckpt else Progress()
     train_model = wrap_for_training(model, args, info)
     settings = StepSettings(info.device, opt.amp_dtype, opt.scaler, args.accum_steps, args.clip_grad,
@@ -173,11 +173,11 @@ def build_run_model(args, classes, resume_ckpt: Optional[dict], info: DistInfo):
     return model, meta
 
 
-def write_run_files(run_dir: Path, args, meta: dict, split: Split, info: DistInfo, lr) -> None:
+def write_run_files(run_dir: Path, args, meta: dict, split: Split, info: DistInfo, lr, warmup: float) -> None:
     """config.yaml, the classes and the exact split (and the files skipped) in the run folder; summary lines."""
     run_files.write_config(run_dir / 'config.yaml', args,
                            dict(method_cfg=meta['method_cfg'], lr=lr.value, global_batch=lr.global_batch,
-                                warmup_epochs=warmup_epochs(args), **run_files.environment(REPO)))
+                                warmup_epochs=warmup, **run_files.environment(REPO)))
     run_files.write_class_indices(run_dir / 'class_indices.json', split.classes)
     run_files.write_file_list(run_dir / 'train_files.csv', split.train, split.classes)
     run_files.write_file_list(run_dir / 'val_files.csv', split.val, split.classes)
@@ -186,7 +186,7 @@ def write_run_files(run_dir: Path, args, meta: dict, split: Split, info: DistInf
     log.info(f"data: {len(split.train)} train / {len(split.val)} val images, {len(split.classes)} classes, "
              f"{len(split.skipped)} files skipped; model {args.model} + {args.method} "
              f"{meta['method_cfg'] or '(dense)'} on {info.device}, world size {info.world_size}; run folder {run_dir}")
-    log.info(f'learning rate {lr}, warm-up {warmup_epochs(args):g} epochs')
+    log.info(f'learning rate {lr}, warm-up {warmup:g} epochs')
 
 
 def make_loaders(args, split: Split, cfg: dict, info: DistInfo):
@@ -211,10 +211,11 @@ class Optimisation:
     loss_fn: nn.Module
 
 
-def build_optimisation(args, model, loader, split: Split, lr: float, device: torch.device) -> Optimisation:
+def build_optimisation(args, model, loader, split: Split, lr: float, warmup: float,
+                       device: torch.device) -> Optimisation:
     optimizer = build_optimizer(model, lr, args.weight_decay, args.layer_decay)
     updates_per_epoch = math.ceil(len(loader) / args.accum_steps)
-    scheduler = lr_schedule(optimizer, args.sched, lr, args.epochs, warmup_epochs(args), args.min_lr,
+    scheduler = lr_schedule(optimizer, args.sched, lr, args.epochs, warmup, args.min_lr,
                             updates_per_epoch)
     amp_dtype, scaler = amp_settings(args.amp, device)
     ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) if args.model_ema else None

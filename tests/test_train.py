@@ -201,7 +201,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(trained, tmp_path, capsys
         return loss * float('nan') if calls['n'] > 2 else loss
 
     monkeypatch.setattr(torch.nn.CrossEntropyLoss, 'forward', diverging)
-    _expect_error(['--resume', str(run / 'last.pth'), '--epochs', '10'], capsys, 'nan', 'last good checkpoint')
+    _expect_error(['--resume', str(run / 'last.pth'), '--epochs', '10'], capsys, 'nan', f"{run / 'last.pth'} holds epoch 7")
     assert (run / 'last.pth').read_bytes() == good
     assert torch.load(run / 'last.pth', weights_only=True)['epoch'] == 7
 

@@ -5,7 +5,6 @@ model name and timm kwargs, method and its settings, class names, the input desc
 interpolation, mean, std, crop), and for resuming the epoch, optimizer, AMP scaler, EMA, best
 metric and RNG states. Only tensors and plain Python values are stored.
 """
-import os
 import random
 from pathlib import Path
 from typing import Optional, Tuple
@@ -16,28 +15,31 @@ from torch import nn
 
 from models.factory import TOOLKIT_FORMAT, build_model, is_toolkit_checkpoint, load_backbone_state, read_checkpoint
 from models.registry import apply_method
+from utils.atomic_write import replaced_atomically
 from utils.errors import UserError
 
 META_KEYS = ('model_name', 'model_kwargs', 'method', 'method_cfg', 'num_classes', 'class_names', 'data_config')
 
 
 def save_atomic(obj: dict, path) -> None:
-    """Write to a temporary file beside ``path``, flush it to disk, then rename it over ``path``: a crash or a
-    full disk leaves the previous file whole and no temporary file behind."""
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.tmp')
+    """``torch.save`` through ``replaced_atomically``: a crash, a signal or a full disk leaves the previous file
+    whole and no temporary file behind. A failed write is one line naming the file and the cause."""
     try:
-        with tmp.open('wb') as f:
+        with replaced_atomically(path) as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise UserError(f"cannot write '{path}' ({err.strerror or err}); the previous file is kept; "
-                            f"free disk space or choose another --output-dir") from None
-        raise
+    except (OSError, RuntimeError) as err:  # torch's writer raises RuntimeError over the OSError of a full disk
+        raise UserError(f"cannot write '{path}' ({write_failure(err)}); '{Path(path).name}' is as it was before; "
+                        f"free disk space or choose another --output-dir") from None
+
+
+def write_failure(err: BaseException) -> str:
+    """The cause of a failed write in a few words: the OS's reason where an ``OSError`` is in the chain."""
+    cause = err
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        cause = cause.__cause__ or cause.__context__
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
 
 
 def rng_state() -> dict:
@@ -66,14 +68,23 @@ def make_checkpoint(meta: dict, model_state: dict, **training_state) -> dict:
     return dict(format=TOOLKIT_FORMAT, **{k: meta[k] for k in META_KEYS}, model=model_state, **training_state)
 
 
+def finite_state(state: dict) -> bool:
+    """Whether every floating-point tensor of a state dict is finite (one host sync)."""
+    checks = [torch.isfinite(t).all() for t in state.values() if torch.is_tensor(t) and t.is_floating_point()]
+    return bool(torch.stack(checks).all()) if checks else True
+
+
 def load_toolkit_checkpoint(path) -> dict:
-    """Read ``path`` and check that train_gpu.py wrote it."""
+    """Read ``path`` and check that train_gpu.py wrote it and that its weights are finite."""
     ckpt = read_checkpoint(str(path))
     if not is_toolkit_checkpoint(ckpt):
         keys = ', '.join(list(ckpt)[:5])
         raise UserError(f"'{path}' is not a checkpoint of this toolkit (it has keys {keys} ...): it lacks the "
                         f"model name, classes and image size. Use a best.pth/last.pth written by train_gpu.py, "
                         f"or pass this file to train_gpu.py --pretrained to fine-tune from it")
+    if not finite_state(ckpt['model']):
+        raise UserError(f"'{path}' holds NaN or infinite weights (saved from a run that diverged); use a checkpoint "
+                        f"of an earlier epoch, or train again with a lower --lr")
     return ckpt
 
 

@@ -8,7 +8,6 @@ its train and val values together. Columns absent from the log (EMA, macro F1) g
 import csv
 import logging
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Dict, List
@@ -16,6 +15,7 @@ from typing import Dict, List
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from utils.atomic_write import replaced_atomically
 from utils.tensorboard_log import ScalarLog, summary_writer_class
 
 log = logging.getLogger('train')
@@ -72,13 +72,8 @@ def plot_curves(values: Dict[str, List[float]], out_png) -> List[str]:
         ax.grid(alpha=0.3)
         if any(label for _, label in lines):
             ax.legend(fontsize=7)
-    out_png = Path(out_png)
-    tmp = out_png.with_name(f'.{out_png.name}.tmp')
-    try:
-        fig.savefig(tmp, format='png', dpi=90)
-        os.replace(tmp, out_png)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replaced_atomically(out_png) as f:
+        fig.savefig(f, format='png', dpi=90)
     return [title for title, _ in shown]
 
 

@@ -19,8 +19,8 @@ from utils.distributed import all_reduce_sum, any_process
 from utils.errors import UserError
 
 
-class NonFiniteLoss(UserError):
-    """The loss became NaN or infinite; training stops and the last good checkpoint is kept."""
+class Diverged(UserError):
+    """The loss, the weights or the validation loss became NaN or infinite; the run stops before saving them."""
 
 
 @dataclass
@@ -64,9 +64,8 @@ def check_finite(bad_loss: torch.Tensor, epoch: int, first: int, last: int, devi
     sync each), so the run stops before any checkpoint of the damaged weights is written."""
     value = bad_loss.item()
     if any_process(not math.isfinite(value), device):
-        raise NonFiniteLoss(f'the loss became {value if not math.isfinite(value) else "non-finite on another process"} '
-                            f'at epoch {epoch}, steps {first}-{last}; training stopped and the last good checkpoint '
-                            f'is kept. Lower --lr, set --clip-grad 1.0, or use --no-amp')
+        raise Diverged(f'the loss became {value if not math.isfinite(value) else "non-finite on another process"} '
+                       f'at epoch {epoch}, steps {first}-{last}; training stopped')
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: Callable, settings: StepSettings,

@@ -7,14 +7,27 @@ class UserError(Exception):
     """Bad input from the user: the message says what is wrong and what to do."""
 
 
+class Stopped(BaseException):
+    """The run was stopped by a signal (``utils.stop_signals``); the message says what is kept. A
+    ``BaseException``, like ``KeyboardInterrupt``, so that no ``except Exception`` swallows it."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def run_cli(fn: Callable[[], object], interrupted: str = 'interrupted') -> int:
     """Run a CLI's work: 0 when it finishes; one ``error: ...`` line and 2 for bad input (``UserError``, or
-    the ``ValueError`` of a bad method setting); ``interrupted`` and 130 on Ctrl-C."""
+    the ``ValueError`` of a bad method setting); ``interrupted`` and 130 on Ctrl-C; a ``Stopped`` run's message
+    and the shell's code for its signal."""
     try:
         fn()
     except (UserError, ValueError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
+    except Stopped as stop:
+        print(stop, file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         return 130

@@ -2,7 +2,6 @@
 import csv
 import json
 import logging
-import os
 import platform
 import subprocess
 from pathlib import Path
@@ -10,33 +9,52 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import yaml
 
+from datasets.folder import Split
+from utils.atomic_write import replaced_atomically
 from utils.errors import UserError
+from utils.run_lock import RunLock
+
+log = logging.getLogger(__name__)
 
 RUN_FILES = ('last.pth', 'best.pth', 'log.csv')  # a folder holding any of these holds a run
 NOT_SETTINGS = ('config', 'resume', 'output_dir', 'local_rank', 'method_cfg')  # per invocation, or derived
 DERIVED = 'run_info'  # config.yaml's section of facts about the run, which --config ignores
+_held_locks: Dict[Path, RunLock] = {}  # the run folders this process has claimed
 
 
 def claim_run_dir(output_dir: Optional[str], resume: Optional[str], data_folders, default: Path) -> Path:
-    """Create and return the run folder: ``output_dir``, else the resumed checkpoint's folder, else ``default``
-    (with -2, -3, ... when a run started in the same second already took it).
+    """Create, lock (``utils.run_lock``) and return the run folder: ``output_dir``, else the resumed checkpoint's
+    folder, else ``default`` (with -2, -3, ... when a run started in the same second already took it).
 
-    Refuses a folder that holds another run (unless this run resumes it) and one inside any of ``data_folders``
-    (the data root, train and val folders), where its files would become a class of the next run.
+    Refuses a folder that another live run holds, one that holds another finished run (unless this run resumes
+    it) and one inside any of ``data_folders`` (the data root, train and val folders), where its files would
+    become a class of the next run. The lock is held until ``release_run_dir``.
     """
     chosen = Path(output_dir) if output_dir else Path(resume).parent if resume else default
     for data in (Path(folder).resolve() for folder in data_folders if folder):
         if chosen.resolve() == data or data in chosen.resolve().parents:
             raise UserError(f"the run folder '{chosen}' is inside the data folder '{data}', where it would become "
                             f"a class of the next run; pass an --output-dir outside the data")
-    if chosen != default:
-        held = [name for name in RUN_FILES if (chosen / name).exists()]
-        resumes_it = resume is not None and Path(resume).resolve().parent == chosen.resolve()
-        if held and not resumes_it:
-            raise UserError(f"'{chosen}' already holds a run ({', '.join(held)}); continue it with --resume "
-                            f"{chosen / 'last.pth'}, or pass a new --output-dir")
+    if chosen == default:
+        chosen = new_folder(default)
+    else:
         chosen.mkdir(parents=True, exist_ok=True)
-        return chosen
+    lock = RunLock(chosen).acquire()
+    held = [name for name in RUN_FILES if (chosen / name).exists()]
+    resumes_it = resume is not None and Path(resume).resolve().parent == chosen.resolve()
+    if held and not resumes_it:
+        lock.release()
+        raise UserError(f"'{chosen}' already holds a run ({', '.join(held)}); continue it with --resume "
+                        f"{chosen / 'last.pth'}, or pass a new --output-dir")
+    for tmp in chosen.glob('.*.tmp'):  # left by a run killed while saving; the lock says it is gone
+        log.warning('removing %s, an unfinished write of a run that was killed', tmp)
+        tmp.unlink(missing_ok=True)
+    _held_locks[chosen] = lock
+    return chosen
+
+
+def new_folder(default: Path) -> Path:
+    """``default``, or ``default``-2, -3, ... when taken, created here (``mkdir`` is atomic: one run each)."""
     default.parent.mkdir(parents=True, exist_ok=True)
     for n in range(1, 1000):
         candidate = default if n == 1 else default.with_name(f'{default.name}-{n}')
@@ -46,6 +64,13 @@ def claim_run_dir(output_dir: Optional[str], resume: Optional[str], data_folders
         except FileExistsError:
             continue
     raise UserError(f"no free run folder name next to '{default}'; pass --output-dir")
+
+
+def release_run_dir(run_dir) -> None:
+    """Give up the lock ``claim_run_dir`` took on ``run_dir`` (nothing when this process holds none)."""
+    lock = _held_locks.pop(Path(run_dir), None)
+    if lock is not None:
+        lock.release()
 
 
 def setup_logging(run_dir, is_main: bool) -> None:
@@ -67,12 +92,10 @@ def append_log_row(path, row: Dict[str, float]) -> None:
             csv.DictWriter(f, fieldnames=header).writerow(row)
         return
     rows = list(csv.DictReader(path.open(newline=''))) + [row] if header else [row]
-    tmp = path.with_name(f'.{path.name}.tmp')
-    with tmp.open('w', newline='') as f:
+    with replaced_atomically(path, 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def environment(repo: Path) -> dict:
@@ -110,6 +133,40 @@ def write_file_list(path, samples: Iterable[Tuple[str, int]], classes: List[str]
         writer = csv.writer(f)
         writer.writerow(['file', 'class'])
         writer.writerows((p, classes[t]) for p, t in samples)
+
+
+def read_file_list(path, classes: List[str]) -> List[Tuple[str, int]]:
+    """The (file, class index) rows of a ``write_file_list`` file; rows of a class not in ``classes`` are left out."""
+    index = {name: i for i, name in enumerate(classes)}
+    with Path(path).open(newline='', errors='surrogateescape') as f:
+        return [(row['file'], index[row['class']]) for row in csv.DictReader(f) if row['class'] in index]
+
+
+def recorded_split(run_dir, fresh: Split) -> Split:
+    """The split a run trained on, from its ``train_files.csv`` / ``val_files.csv``, for a resume: images added to
+    the data since are ignored and images gone (removed, or unreadable now) are left out, each counted in one
+    warning; ``fresh`` is a new scan of the data, used only for that count and the classes."""
+    lists = [Path(run_dir) / name for name in ('train_files.csv', 'val_files.csv')]
+    missing = [str(p) for p in lists if not p.is_file()]
+    if missing:
+        raise UserError(f"cannot resume: {', '.join(missing)} (the files this run trained and validated on) is "
+                        f"missing; put the run folder's files back beside its last.pth")
+    train, val = (read_file_list(p, fresh.classes) for p in lists)
+    now = {path for path, _ in fresh.train + fresh.val}
+    added = len(now - {path for path, _ in train + val})
+    gone = [path for path, _ in train + val if path not in now]
+    if added:
+        log.warning(f'{added} images were added to the data since this run began; they are ignored: a resumed run '
+                    f'keeps its split (start a new run to train on them)')
+    if gone:
+        log.warning(f"{len(gone)} images of this run's split are gone or unreadable now (e.g. {gone[0]}); "
+                    f"the run goes on without them")
+        train, val = ([s for s in side if s[0] in now] for side in (train, val))
+    for name, side in (('training', train), ('validation', val)):
+        if not side:
+            raise UserError(f"cannot resume: none of the {name} images this run recorded in '{run_dir}' can be found "
+                            f"now; resume from the folder the run was started in, with its data in place")
+    return Split(train, val, fresh.classes, fresh.skipped)
 
 
 def write_skipped(path, skipped: Iterable[Tuple[str, str]]) -> None:

@@ -22,16 +22,17 @@ from datasets.transforms import Augmentation, data_config, eval_transform, train
 from models.factory import build_model, model_new_params
 from models.registry import method_cfg, unwrap, within_budget
 from utils import run_files
-from utils.checkpoint import (load_backbone_state, load_resume_checkpoint, make_checkpoint, rng_state, save_atomic,
-                              set_rng_state)
+from utils.checkpoint import (finite_state, load_backbone_state, load_resume_checkpoint, make_checkpoint, rng_state,
+                              save_atomic, set_rng_state)
 from utils.curves import TrainingCurves, add_curves_to_report
 from utils.data import class_weights, eval_loader, train_loader
-from utils.distributed import DistInfo, barrier, cleanup, init_distributed, on_main_process
-from utils.engine import StepSettings, evaluate, train_one_epoch
+from utils.distributed import DistInfo, any_process, barrier, cleanup, init_distributed, on_main_process
+from utils.engine import Diverged, StepSettings, evaluate, train_one_epoch
 from utils.optim import build_optimizer, resolve_lr
 from utils.schedule import lr_schedule, warmup_epochs
 from utils.selection import describe, metric_value, rank
-from utils.errors import UserError
+from utils.errors import Stopped, UserError
+from utils.stop_signals import stop_on_signals, writes_finish_first
 
 log = logging.getLogger('train')
 REPO = Path(__file__).resolve().parent.parent
@@ -79,32 +80,50 @@ def log_epoch(epoch: int, train_stats: dict, val_stats: dict, ema_stats: Optiona
 
 
 def train(args) -> Path:
-    """Run the whole training described by ``args``; returns the run folder."""
-    info = init_distributed(args.device, args.local_rank)
-    try:
-        return _train(args, info)
-    finally:
-        cleanup()
+    """Run the whole training described by ``args``; returns the run folder. SIGTERM / SIGINT stop it cleanly
+    (``utils.stop_signals``)."""
+    with stop_on_signals():
+        info = init_distributed(args.device, args.local_rank)
+        try:
+            return _train(args, info)
+        finally:
+            cleanup()
 
 
 def _train(args, info: DistInfo) -> Path:
-    """One run, in the order it happens (each step below is a function of this module)."""
+    """One run, in the order it happens (each step below is a function of this module). The run folder is
+    claimed for this run alone; a divergence or a signal says which checkpoint holds which epoch."""
     seed_everything(args.seed + info.rank)
     curves = TrainingCurves(args.log_tensorboard)  # a missing tensorboard stops the run here
     resume_ckpt = load_resume_checkpoint(args.resume) if args.resume else None
     lr, warmup = resolve_lr(args, info.world_size), warmup_epochs(args)  # a bad flag is refused before the run folder
     run_dir = prepare_run_dir(args, info)
-    split = on_main_process(scan_data, args)
-    model, meta = build_run_model(args, split.classes, resume_ckpt, info)
-    if info.is_main:
-        write_run_files(run_dir, args, meta, split, info, lr, warmup)
-    loader, val_loader = make_loaders(args, split, meta['data_config'], info)
-    opt = build_optimisation(args, model, loader, split, lr.value, warmup, info.device)
-    progress = resume(resume_ckpt, args, model, opt, info) if resume_ckpt else Progress()
+    progress = Progress.of(resume_ckpt, args.resume)
+    try:
+        split = on_main_process(scan_data, args, resume_ckpt)
+        model, meta = build_run_model(args, split.classes, resume_ckpt, info)
+        if info.is_main:
+            write_run_files(run_dir, args, meta, split, info, lr, warmup)
+        loader, val_loader = make_loaders(args, split, meta['data_config'], info)
+        opt = build_optimisation(args, model, loader, split, lr.value, warmup, info.device)
+        if resume_ckpt:
+            resume(resume_ckpt, args, model, opt, progress, info)
+        run_epochs(run_dir, args, info, split, model, meta, loader, val_loader, opt, progress, curves)
+    except Diverged as err:
+        raise Diverged(f'{err}; {progress.kept(run_dir)}. Lower --lr, or set --clip-grad 1.0 (or --no-amp)') from None
+    except Stopped as stop:
+        raise Stopped(f'{stop}: {progress.kept(run_dir)}', stop.exit_code) from None
+    finally:
+        run_files.release_run_dir(run_dir)
+    return run_dir
+
+
+def run_epochs(run_dir: Path, args, info: DistInfo, split: Split, model, meta: dict, loader, val_loader,
+               opt: 'Optimisation', progress: 'Progress', curves: TrainingCurves) -> None:
+    """Train and validate each epoch, write its checkpoints and log row; then the final report."""
     train_model = wrap_for_training(model, args, info)
     settings = StepSettings(info.device, opt.amp_dtype, opt.scaler, args.accum_steps, args.clip_grad,
                             args.channels_last, show_progress=info.is_main, log_interval=args.log_interval)
-
     for epoch in range(progress.start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         epoch_start = time.time()
@@ -113,8 +132,10 @@ def _train(args, info: DistInfo) -> Path:
         progress.num_updates = train_stats['num_updates']
         val_stats = evaluate(model, val_loader, settings, len(split.classes))
         ema_stats = evaluate(opt.ema.module, val_loader, settings, len(split.classes)) if opt.ema else None
-        end_epoch(run_dir, epoch, time.time() - epoch_start, train_stats, val_stats, ema_stats,
-                  args, meta, model, opt, progress, info)
+        check_diverged(epoch, val_stats, model, opt.ema, info.device)
+        with writes_finish_first():
+            end_epoch(run_dir, epoch, time.time() - epoch_start, train_stats, val_stats, ema_stats,
+                      args, meta, model, opt, progress, info)
         if info.is_main:
             curves.update(run_dir)
         if args.early_stop and epoch - progress.best_epoch >= args.early_stop:
@@ -125,7 +146,17 @@ def _train(args, info: DistInfo) -> Path:
     if info.is_main:
         curves.close()
         final_report(run_dir, args, split, progress, info.device)
-    return run_dir
+
+
+def check_diverged(epoch: int, val_stats: dict, model, ema: Optional[ModelEmaV3], device) -> None:
+    """Stop before any checkpoint of this epoch is written when its weights (or EMA weights) or its validation
+    loss are not finite: the last update can spoil the weights after the last loss was checked."""
+    spoiled = [what for what, ok in (('the weights', finite_state(unwrap(model).state_dict())),
+                                     ('the EMA weights', ema is None or finite_state(ema.module.state_dict())),
+                                     ('the validation loss', math.isfinite(val_stats['val_loss']))) if not ok]
+    if any_process(bool(spoiled), device):
+        raise Diverged(f"{' and '.join(spoiled) or 'the weights on another process'} became NaN or infinite "
+                       f"in epoch {epoch}; training stopped before saving them")
 
 
 def prepare_run_dir(args, info: DistInfo) -> Path:
@@ -142,21 +173,23 @@ def prepare_run_dir(args, info: DistInfo) -> Path:
     return run_dir
 
 
-def scan_data(args) -> Split:
-    """Scan and split the data root (on process 0 only: every process trains on the same file lists)."""
+def scan_data(args, resume_ckpt: Optional[dict] = None) -> Split:
+    """Scan and split the data root (on process 0 only: every process trains on the same file lists); a resumed
+    run checks that the data still has its classes and keeps the split it recorded (``run_files.recorded_split``)."""
     split = make_split(args.data_root, args.val_split, args.seed, args.train_dir, args.val_dir)
     classes = split.classes
     if args.nb_classes is not None and args.nb_classes != len(classes):
         raise UserError(f"--nb-classes {args.nb_classes} but '{args.data_root}' has {len(classes)} class "
                         f"folders ({', '.join(classes[:8])}{' ...' if len(classes) > 8 else ''}); "
                         f"drop --nb-classes or fix the folders")
-    return split
+    if resume_ckpt is None:
+        return split
+    check_resume_fits(resume_ckpt, args, classes)
+    return run_files.recorded_split(Path(args.resume).parent, split)
 
 
 def build_run_model(args, classes, resume_ckpt: Optional[dict], info: DistInfo):
     """The model on its device (pretrained weights unless resuming) and the metadata every checkpoint holds."""
-    if resume_ckpt is not None:
-        check_resume_fits(resume_ckpt, args, classes)
     model = build_model(args.model, args.method, args.method_cfg, num_classes=len(classes),
                         img_size=args.img_size, pretrained=None if resume_ckpt else args.pretrained,
                         drop_path_rate=args.drop_path, **args.model_kwargs)
@@ -174,15 +207,17 @@ def build_run_model(args, classes, resume_ckpt: Optional[dict], info: DistInfo):
 
 
 def write_run_files(run_dir: Path, args, meta: dict, split: Split, info: DistInfo, lr, warmup: float) -> None:
-    """config.yaml, the classes and the exact split (and the files skipped) in the run folder; summary lines."""
+    """config.yaml, the classes and the exact split (and the files skipped) in the run folder; summary lines.
+    The split's files are written once: a resumed run in its own folder keeps them as they are."""
     run_files.write_config(run_dir / 'config.yaml', args,
                            dict(method_cfg=meta['method_cfg'], lr=lr.value, global_batch=lr.global_batch,
                                 warmup_epochs=warmup, **run_files.environment(REPO)))
-    run_files.write_class_indices(run_dir / 'class_indices.json', split.classes)
-    run_files.write_file_list(run_dir / 'train_files.csv', split.train, split.classes)
-    run_files.write_file_list(run_dir / 'val_files.csv', split.val, split.classes)
-    if split.skipped:
-        run_files.write_skipped(run_dir / 'skipped_files.csv', split.skipped)
+    if not (run_dir / 'train_files.csv').exists():
+        run_files.write_class_indices(run_dir / 'class_indices.json', split.classes)
+        run_files.write_file_list(run_dir / 'train_files.csv', split.train, split.classes)
+        run_files.write_file_list(run_dir / 'val_files.csv', split.val, split.classes)
+        if split.skipped:
+            run_files.write_skipped(run_dir / 'skipped_files.csv', split.skipped)
     log.info(f"data: {len(split.train)} train / {len(split.val)} val images, {len(split.classes)} classes, "
              f"{len(split.skipped)} files skipped; model {args.model} + {args.method} "
              f"{meta['method_cfg'] or '(dense)'} on {info.device}, world size {info.world_size}; run folder {run_dir}")
@@ -232,16 +267,34 @@ def build_optimisation(args, model, loader, split: Split, lr: float, warmup: flo
 
 @dataclass
 class Progress:
-    """Where a run stands: the first epoch to train, the schedule's position in updates, and best.pth's epoch,
-    its value of --eval-metric and whether it kept the method's compute budget."""
+    """Where a run stands: the first epoch to train, the schedule's position in updates, best.pth's epoch, its
+    value of --eval-metric and whether it kept the method's compute budget, and the last.pth written last."""
     start_epoch: int = 0
     num_updates: int = 0
     best: Optional[float] = None
     best_epoch: int = -1
     best_within_budget: bool = False
+    last_epoch: int = -1
+    last_path: Optional[Path] = None
+
+    @classmethod
+    def of(cls, ckpt: Optional[dict], path: Optional[str]) -> 'Progress':
+        """A new run's, or that of the last.pth ``ckpt`` read from ``path`` (its updates: see ``resume``)."""
+        if ckpt is None:
+            return cls()
+        return cls(ckpt['epoch'] + 1, 0, ckpt['best_metric'], ckpt['best_epoch'], ckpt.get('best_within_budget', True),
+                   ckpt['epoch'], Path(path))
+
+    def kept(self, run_dir: Path) -> str:
+        """Which checkpoints hold which epoch, in words, for a run that stops here."""
+        if self.last_path is None:
+            return f'no checkpoint was written (epoch {self.start_epoch}, the first, did not finish)'
+        best = run_dir / 'best.pth'
+        best = f', {best} epoch {self.best_epoch}' if self.best_epoch >= 0 and best.exists() else ''
+        return f'{self.last_path} holds epoch {self.last_epoch}{best}; continue with --resume {self.last_path}'
 
 
-def resume(ckpt: dict, args, model, opt: Optimisation, info: DistInfo) -> Progress:
+def resume(ckpt: dict, args, model, opt: Optimisation, progress: Progress, info: DistInfo) -> None:
     """Restore weights, optimizer, scaler, EMA and RNG from a last.pth; the lr schedule is rebuilt from the
     epoch, so a resume on another number of processes, --batch-size or --accum-steps keeps it in epochs."""
     load_backbone_state(model, ckpt['model'], args.resume)
@@ -252,13 +305,10 @@ def resume(ckpt: dict, args, model, opt: Optimisation, info: DistInfo) -> Progre
         opt.ema.module.load_state_dict(ckpt['model_ema'])
     if ckpt['rng']:
         set_rng_state(ckpt['rng'][min(info.rank, len(ckpt['rng']) - 1)])
-    start_epoch = ckpt['epoch'] + 1
-    progress = Progress(start_epoch, start_epoch * opt.updates_per_epoch, ckpt['best_metric'], ckpt['best_epoch'],
-                        ckpt.get('best_within_budget', True))
+    progress.num_updates = progress.start_epoch * opt.updates_per_epoch
     opt.scheduler.step_update(progress.num_updates)
-    log.info(f"resumed from '{args.resume}' at epoch {start_epoch} "
+    log.info(f"resumed from '{args.resume}' at epoch {progress.start_epoch} "
              f"(best {describe(progress.best, args.eval_metric)} at epoch {progress.best_epoch})")
-    return progress
 
 
 def wrap_for_training(model, args, info: DistInfo) -> nn.Module:
@@ -275,7 +325,8 @@ def end_epoch(run_dir: Path, epoch: int, seconds: float, train_stats: dict, val_
               ema_stats: Optional[dict], args, meta: dict, model, opt: Optimisation, progress: Progress,
               info: DistInfo) -> None:
     """Track the best epoch (``utils.selection``), then write best.pth (when better), last.pth, and a row of
-    log.csv, in this order: a crash between two writes never leaves last.pth or the log ahead of best.pth."""
+    log.csv, in this order: a crash between two writes never leaves last.pth or the log ahead of best.pth (and a
+    signal waits for all three: ``writes_finish_first``)."""
     metric = args.eval_metric
     candidates = [(val_stats, model)] + ([(ema_stats, opt.ema.module)] if ema_stats is not None else [])
     ranked = [(rank(metric_value(stats, metric), metric, within_budget(m, stats)), stats) for stats, m in candidates]
@@ -305,6 +356,7 @@ def end_epoch(run_dir: Path, epoch: int, seconds: float, train_stats: dict, val_
                      args=plain_args(args), rng=rngs, val=val_stats)
         save_atomic(make_checkpoint(meta, unwrap(model).state_dict(), **state), run_dir / 'last.pth')
         run_files.append_log_row(run_dir / 'log.csv', log_row(epoch, seconds, train_stats, val_stats, ema_stats))
+    progress.last_epoch, progress.last_path = epoch, run_dir / 'last.pth'
     log_epoch(epoch, train_stats, val_stats, ema_stats)
 
 

@@ -77,6 +77,9 @@ def test_default_run_folders_of_the_same_second_differ(tmp_path):
     first = run_files.claim_run_dir(None, None, [tmp_path / 'data'], default)
     second = run_files.claim_run_dir(None, None, [tmp_path / 'data'], default)
     assert first == default and second.name == default.name + '-2' and second.is_dir()
+    for folder in (first, second):
+        run_files.release_run_dir(folder)
+        assert not (folder / '.lock').exists()
 
 
 def test_config_yaml_loads_back_as_config(run, tmp_path):
@@ -200,3 +203,148 @@ def test_device_choice_under_several_processes(caplog):
     assert pick_device('cuda:1', local_rank=1, world_size=2, cuda_available=True) == cuda('cuda', 1)
     with pytest.raises(UserError, match='--device cpu'):
         pick_device('cuda:0', cuda_available=False)
+
+
+# What an operator meets: two runs on one folder, divergence, grown data, a full disk, signals
+
+
+def test_a_folder_in_use_by_a_live_run_is_refused_and_free_after_it(data, tmp_path, capsys):
+    from utils.run_lock import RunLock
+    folder = tmp_path / 'busy'
+    folder.mkdir()
+    other = RunLock(folder).acquire()  # a second open of the file: flock refuses it even in this process
+    expect_error(['--data-root', str(data), '--output-dir', str(folder), '--epochs', '1', *TINY_FLAGS], capsys,
+                 'is in use by process', str(os.getpid()), 'another --output-dir')
+    assert sorted(p.name for p in folder.iterdir()) == ['.lock']  # nothing written by the refused run
+    other.release()
+    (folder / '.lock').write_text('process 1 on a machine that crashed\n')  # left by a killed run: no flock held
+    (folder / '.last.pth.4242.tmp').write_bytes(b'half a checkpoint')  # a save the kill interrupted
+    assert train_gpu.main(['--data-root', str(data), '--output-dir', str(folder), '--epochs', '1', *TINY_FLAGS]) == 0
+    assert not [p.name for p in folder.iterdir() if p.name.startswith('.')]
+
+
+def test_weights_spoiled_by_the_last_update_are_never_saved(copy, tmp_path, capsys, monkeypatch):
+    """The loss is finite at every step, but the epoch's last update makes the weights NaN."""
+    before = snapshot(copy)
+    real_step = torch.optim.AdamW.step
+    calls = {'n': 0}
+
+    def spoiling_step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        calls['n'] += 1
+        if calls['n'] == 3:  # epoch 3's last of 3 updates
+            with torch.no_grad():
+                self.param_groups[0]['params'][0].fill_(float('nan'))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, 'step', spoiling_step)
+    expect_error(['--resume', str(copy / 'last.pth'), '--epochs', '5'], capsys, 'the weights and the validation loss '
+                 'became NaN or infinite in epoch 3', f"{copy / 'last.pth'} holds epoch 2", '--lr')
+    kept = ('best.pth', 'last.pth', 'log.csv', 'train_files.csv', 'val_files.csv')
+    assert {k: snapshot(copy)[k] for k in kept} == {k: before[k] for k in kept}
+
+
+def test_predict_and_export_refuse_a_checkpoint_of_nan_weights(copy, data, tmp_path, capsys):
+    import export
+    import predict
+    ckpt = torch.load(copy / 'best.pth', weights_only=True)
+    next(iter(ckpt['model'].values()))[0] = float('inf')
+    torch.save(ckpt, tmp_path / 'nan.pth')
+    assert predict.main(['--weights', str(tmp_path / 'nan.pth'), '--data-root', str(data),
+                         '--output-dir', str(tmp_path / 'p')]) == 2
+    assert export.main(['--weights', str(tmp_path / 'nan.pth'), '--output', str(tmp_path / 'm.pt'),
+                        '--format', 'torchscript']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith('error:') and 'NaN or infinite weights' in line for line in err)
+    assert not (tmp_path / 'p').exists() and not (tmp_path / 'm.pt').exists()
+
+
+def test_a_resumed_run_keeps_its_split_when_the_data_changes(run, data, tmp_path, capsys):
+    """Images added since are ignored and counted; an image removed since is left out and counted."""
+    grown = tmp_path / 'data'
+    shutil.copytree(data, grown)
+    resumed = tmp_path / 'resumed'
+    shutil.copytree(run, resumed)
+    for name in ('train_files.csv', 'val_files.csv'):  # the recorded split, pointed at the copy of the data
+        (resumed / name).write_text((run / name).read_text().replace(str(data), str(grown)))
+    recorded = {name: (resumed / name).read_bytes() for name in ('train_files.csv', 'val_files.csv')}
+    for i in range(5):
+        shutil.copy(grown / 'checker' / '000.png', grown / 'checker' / f'new{i}.png')
+    first_val = next(csv.DictReader((resumed / 'val_files.csv').open()))['file']
+    Path(first_val).unlink()
+    assert train_gpu.main(['--resume', str(resumed / 'last.pth'), '--data-root', str(grown), '--epochs', '4']) == 0
+    err = capsys.readouterr().err
+    assert '5 image(s) added to the data since this run began are ignored' in err
+    assert f"1 image(s) of this run's split are gone or unreadable now (e.g. {first_val})" in err
+    assert {name: (resumed / name).read_bytes() for name in recorded} == recorded
+    assert torch.load(resumed / 'last.pth', weights_only=True)['val']['val_images'] == 7  # 8 recorded, 1 gone
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_checkpoint(copy, capsys):
+    """A real write failure: the file-size limit stops torch's writer in the middle of last.pth (2.6 MB) while
+    best.pth (0.9 MB), log.csv and the rest still fit."""
+    import resource
+    import signal
+    last = (copy / 'last.pth').read_bytes()
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(last) // 2, limits[1]))
+    try:
+        expect_error(['--resume', str(copy / 'last.pth'), '--epochs', '4'], capsys,
+                     f"cannot write '{copy / 'last.pth'}' (File too large)", "is as it was before")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert (copy / 'last.pth').read_bytes() == last
+    assert not [p.name for p in copy.iterdir() if p.name.endswith('.tmp') or p.name == '.lock']
+
+
+@pytest.mark.parametrize('sig, code', [('SIGTERM', 143), ('SIGINT', 130)])
+def test_a_signal_during_a_save_finishes_the_epoch_then_stops(sig, code, copy, capsys, monkeypatch):
+    """The signal arrives while last.pth is being written: the epoch's files are finished, the run stops with
+    the shell's code and one line, no temporary file is left, and --resume goes on."""
+    import signal
+    import utils.checkpoint
+    real_save = torch.save
+
+    def save_with_a_signal(obj, f):
+        if 'optimizer' in obj:
+            f.write(b'')
+            os.kill(os.getpid(), getattr(signal, sig))
+        real_save(obj, f)
+
+    monkeypatch.setattr(utils.checkpoint.torch, 'save', save_with_a_signal)
+    assert train_gpu.main(['--resume', str(copy / 'last.pth'), '--epochs', '6']) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"stopped by {sig}: {copy / 'last.pth'} holds epoch 3; continue with --resume " \
+                      f"{copy / 'last.pth'}" or err[-1].startswith(f"stopped by {sig}: {copy / 'last.pth'} holds epoch 3, ")
+    assert signal.getsignal(getattr(signal, sig)) is not None  # the handlers are put back
+    assert not [p.name for p in copy.iterdir() if p.name.startswith('.')]
+    assert torch.load(copy / 'last.pth', weights_only=True)['epoch'] == 3
+    assert [int(r['epoch']) for r in read_log(copy)] == [0, 1, 2, 3]
+    monkeypatch.undo()
+    assert train_gpu.main(['--resume', str(copy / 'last.pth'), '--epochs', '5']) == 0
+    assert [int(r['epoch']) for r in read_log(copy)] == [0, 1, 2, 3, 4]
+
+
+def test_sigterm_to_the_whole_job_stops_it_with_its_workers(data, tmp_path):
+    """As a scheduler does it: SIGTERM to every process of the job, the data loader's workers included."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    run = tmp_path / 'run'
+    job = subprocess.Popen([sys.executable, 'train_gpu.py', '--data-root', str(data), '--output-dir', str(run),
+                            '--epochs', '50', *TINY_FLAGS, '--workers', '2'], cwd=Path(train_gpu.__file__).parent, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           env=dict(os.environ, OMP_NUM_THREADS='1'))
+    deadline = time.time() + 120
+    while not (run / 'log.csv').exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    os.killpg(job.pid, signal.SIGTERM)
+    err = job.communicate(timeout=60)[1]
+    assert job.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith(f"stopped by SIGTERM: {run / 'last.pth'} holds epoch "), err[-2000:]
+    assert 'Traceback' not in err
+    assert not [p.name for p in run.iterdir() if p.name.startswith('.')]
+    assert torch.load(run / 'last.pth', weights_only=True)['epoch'] == len(read_log(run)) - 1

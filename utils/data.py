@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from datasets.folder import SafeImageDataset, Sample, collate_skipping
+from utils.stop_signals import ignore_in_worker
 
 
 class ShardSampler(Sampler):
@@ -61,7 +62,8 @@ def train_loader(samples: List[Sample], transform, batch_size: int, workers: int
     # drop the ragged last batch (Mixup needs an even batch), unless the data is smaller than a batch
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       collate_fn=collate_skipping, pin_memory=pin_memory,
-                      drop_last=len(dataset) // world_size > batch_size, persistent_workers=workers > 0)
+                      drop_last=len(dataset) // world_size > batch_size, persistent_workers=workers > 0,
+                      worker_init_fn=ignore_in_worker)
 
 
 def eval_loader(samples: List[Sample], transform, batch_size: int, workers: int, rank: int = 0,
@@ -69,4 +71,4 @@ def eval_loader(samples: List[Sample], transform, batch_size: int, workers: int,
     dataset = SafeImageDataset(samples, transform)
     return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world_size),
                       num_workers=workers, collate_fn=collate_skipping, pin_memory=pin_memory,
-                      persistent_workers=workers > 0)
+                      persistent_workers=workers > 0, worker_init_fn=ignore_in_worker)

@@ -156,10 +156,10 @@ def recorded_split(run_dir, fresh: Split) -> Split:
     added = len(now - {path for path, _ in train + val})
     gone = [path for path, _ in train + val if path not in now]
     if added:
-        log.warning(f'{added} images were added to the data since this run began; they are ignored: a resumed run '
-                    f'keeps its split (start a new run to train on them)')
+        log.warning(f'{added} image(s) added to the data since this run began are ignored: a resumed run keeps its '
+                    f'split (start a new run to train on them)')
     if gone:
-        log.warning(f"{len(gone)} images of this run's split are gone or unreadable now (e.g. {gone[0]}); "
+        log.warning(f"{len(gone)} image(s) of this run's split are gone or unreadable now (e.g. {gone[0]}); "
                     f"the run goes on without them")
         train, val = ([s for s in side if s[0] in now] for side in (train, val))
     for name, side in (('training', train), ('validation', val)):

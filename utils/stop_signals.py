@@ -5,8 +5,8 @@ says which checkpoint holds which epoch; the CLI exits with the shell's code for
 143 for SIGTERM). Inside ``writes_finish_first`` (the end of an epoch: best.pth, last.pth, the log row) the
 signal waits until the block is done, so a run never stops with half its epoch's files written; ``torch.save``
 would not pass an exception raised inside its writer on anyway. Later signals are ignored while the run
-stops, and the data loader's worker processes, which inherit the handler, ignore them too: the main process
-shuts them down.
+stops. The data loader's worker processes ignore both (``ignore_in_worker``; PyTorch's own SIGTERM handler
+would end them, and the main process with a DataLoader error): the main process shuts them down.
 """
 import os
 import signal
@@ -28,7 +28,7 @@ class _SignalStop:
         self.deferring = False
 
     def handle(self, signum, frame) -> None:
-        if os.getpid() != self.owner or self.received:  # a forked worker, or a second signal while stopping
+        if os.getpid() != self.owner or self.received:  # a forked process, or a second signal while stopping
             return
         self.received.append(signum)
         if not self.deferring:
@@ -58,6 +58,12 @@ def stop_on_signals():
         _active = outer
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def ignore_in_worker(worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn``: the worker leaves SIGINT / SIGTERM to the main process."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 @contextmanager

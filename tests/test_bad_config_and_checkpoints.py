@@ -1,10 +1,15 @@
-"""A --config file typed as its flags, checked before anything is written."""
+"""A --config file typed as its flags, checked before anything is written; a bad weights file named in our words."""
 import argparse
+import collections
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
+import predict
 import train_gpu
+from models.factory import read_checkpoint
 from utils.config import check_config
 from utils.errors import UserError
 from utils.run_files import NOT_SETTINGS, write_config
@@ -87,3 +92,57 @@ def test_config_yaml_of_a_run_passes_the_check_unchanged(flags, tmp_path):
     assert check_config(train_gpu.get_args_parser(), written, 'config.yaml', nullable) == written
     again = train_gpu.parse_args(['--config', str(tmp_path / 'config.yaml')])
     assert _settings(again) == _settings(args) and again.method_cfg == args.method_cfg
+
+
+class _Settings(collections.OrderedDict):
+    """A class of the sender's own: a safe load refuses to build it."""
+
+
+def _checkpoint(tmp_path, kind):
+    """A weights file of ``kind`` in ``tmp_path``."""
+    state = {'w': torch.arange(64.0), 'b': torch.zeros(8)}
+    path = tmp_path / ('w.safetensors' if kind == 'safetensors_truncated' else 'w.pth')
+    if kind == 'truncated':
+        torch.save(state, path)
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    elif kind == 'random':
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif kind == 'empty':
+        path.write_bytes(b'')
+    elif kind == 'text':
+        path.write_text('<html><body>404 Not Found</body></html>\n')
+    elif kind in ('custom_class', 'namespace'):
+        torch.save(_Settings(state) if kind == 'custom_class' else argparse.Namespace(model=state), path)
+    else:
+        from safetensors.torch import save_file
+        save_file(state, str(path))
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    return path
+
+
+KINDS = {'truncated': 'is truncated or damaged (', 'random': 'is not a checkpoint: its 4096 bytes',
+         'empty': 'is empty (0 bytes)', 'text': 'is a text file, not a checkpoint',
+         'custom_class': 'holds Python objects besides tensors', 'namespace': 'holds Python objects besides tensors',
+         'safetensors_truncated': 'is truncated or damaged ('}
+
+
+@pytest.mark.parametrize('kind', sorted(KINDS))
+def test_bad_checkpoint_is_named_in_our_words(kind, tmp_path):
+    path = _checkpoint(tmp_path, kind)
+    with pytest.raises(UserError) as err:
+        read_checkpoint(str(path))
+    message = str(err.value)
+    assert message.startswith(f"'{path}' {KINDS[kind]}")
+    assert 'weights_only' not in message and '\n' not in message and len(message) < 300 + len(str(path))
+
+
+def test_bad_checkpoint_through_predict_is_one_line(tmp_path, capsys):
+    from PIL import Image
+    image = tmp_path / 'a.png'
+    Image.new('RGB', (16, 16)).save(image)
+    for kind in ('truncated', 'custom_class'):
+        path = _checkpoint(tmp_path, kind)
+        assert predict.main(['--weights', str(path), '--images', str(image)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: '{path}' {KINDS[kind]}") and err.count('\n') == 1
+        assert 'weights_only' not in err

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from models.registry import METHODS, add_method_args, method_cfg_from_args
-from utils.config import load_yaml, parse_key_values, parse_layered
+from utils.config import check_config, load_yaml, parse_key_values, parse_layered
 from utils.errors import run_cli
 from utils.schedule import SCHEDULES
 from utils.selection import EVAL_METRICS
@@ -160,7 +160,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if first.resume:
         layers.append(resume_layer(first.resume, parser))
     if first.config:
-        layers.append(load_yaml(first.config))
+        nullable = {key for recipe in RECIPES.values() for key, value in recipe.items() if value is None}
+        layers.append(check_config(parser, load_yaml(first.config), first.config, nullable))
     if not any(source.get(key) for source in (vars(first), *layers) for key in ('data_root', 'train_dir')):
         layers.insert(0, DEMO_SETTINGS)
     recipe = (parse_layered(parser, argv, *layers) if layers else first).recipe

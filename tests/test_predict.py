@@ -117,7 +117,7 @@ def test_bad_weights(kind, run, tmp_path, capsys):
     assert predict.main(['--weights', str(path), '--data-root', str(data)]) == 2
     err = capsys.readouterr().err
     assert err.startswith('error:') and 'Traceback' not in err
-    assert {'missing': 'does not exist', 'truncated': 'not a readable checkpoint',
+    assert {'missing': 'does not exist', 'truncated': 'is truncated or damaged',
             'plain_state_dict': 'not a checkpoint of this toolkit'}[kind] in err
 
 

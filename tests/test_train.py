@@ -168,7 +168,7 @@ def test_bad_pretrained(kind, shapes, tmp_path, capsys):
         other = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=2, embed_dim=32,
                                   num_heads=2)
         torch.save({'model': other.state_dict()}, path)
-    expected = {'missing': 'does not exist', 'not_a_checkpoint': 'not a readable checkpoint',
+    expected = {'missing': 'does not exist', 'not_a_checkpoint': 'is a text file, not a checkpoint',
                 'other_architecture': 'do not fit'}[kind]
     line = _expect_error(['--data-root', str(shapes), '--pretrained', str(path), '--output-dir',
                           str(tmp_path / 'r'), *TINY_FLAGS], capsys, expected)

@@ -52,8 +52,8 @@ def test_a_plot_failure_is_one_warning_and_keeps_the_old_png(tmp_path, monkeypat
     (tmp_path / 'log.csv').write_text(LOG)
     (tmp_path / 'curves.png').write_bytes(b'old')
 
-    def failing_save(self, path, **kwargs):
-        Path(path).write_bytes(b'half a png')
+    def failing_save(self, f, **kwargs):
+        f.write(b'half a png')
         raise OSError('No space left on device\nsecond line')
 
     monkeypatch.setattr(curves.Figure, 'savefig', failing_save)

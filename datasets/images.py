@@ -15,6 +15,13 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = tuple(IMG_EXTENSIONS) + ('.gif', '.jfif', '.jpe')
 
 
+def cannot_read(err: OSError, what: str) -> str:
+    """The skip cause of an ``OSError`` met reading a ``what`` ('file', 'folder')."""
+    if isinstance(err, PermissionError):
+        return f'permission denied ({what} not readable)'
+    return f'{what} not readable ({err.strerror or type(err).__name__})'
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB: 16/32-bit grey is rescaled (not clipped), transparency is laid on white."""
     if img.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
@@ -55,6 +62,8 @@ def check_image(path) -> str:
             return 'empty file'
         with Image.open(path) as img:
             img.verify()
+    except PermissionError as err:
+        return cannot_read(err, 'file')
     except Exception as err:  # PIL raises many types for a broken file
         return f'not a readable image ({type(err).__name__})'
     return ''

@@ -7,7 +7,7 @@
 
 Below a class folder, files at any depth count, symlinked folders included (each real folder once).
 Folders the toolkit writes (run folders, ``predict-*`` reports) are never scanned as data. Bad files
-(empty, not an image, unreadable) and folders this user may not read are skipped with a
+(empty, not an image, unreadable, too large to decode) and folders this user may not read are skipped with a
 warning naming each and the cause; files that only fail when decoded (truncated) are skipped at load time by
 ``SafeImageDataset`` and ``collate_skipping``. Class names and indices come from the folder names, sorted.
 """

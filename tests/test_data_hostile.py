@@ -1,14 +1,19 @@
-"""Hostile data: folders and files this user may not read."""
+"""Hostile data: folders and files this user may not read, images past PIL's decompression-bomb limits."""
 import ctypes
 import logging
 import os
 import pickle
+import warnings
 from logging.handlers import BufferingHandler
 
 import pytest
+from PIL import Image
+from torchvision import transforms
 
 from conftest import make_image_folder
-from datasets.folder import image_files, make_split, scan_classes
+from datasets import images
+from datasets.folder import SafeImageDataset, image_files, make_split, scan_classes
+from datasets.images import check_image, try_load_rgb
 from utils.errors import UserError
 
 DENIED_FOLDER, DENIED_FILE = 'permission denied (folder not readable)', 'permission denied (file not readable)'
@@ -132,3 +137,46 @@ def test_unreadable_data_root_is_one_line(tmp_path):
     finally:
         root.chmod(0o755)
     assert refused == f"cannot list '{root}': {DENIED_FOLDER}; make it readable by this user"
+
+
+def loads_quietly(path):
+    """``load_rgb(path)`` through ``SafeImageDataset`` (what training and prediction do), failing on any warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        img, _, _ = SafeImageDataset([(str(path), 0)])[0]
+    return img
+
+
+def test_jpeg_past_pils_warning_threshold_is_decoded_reduced_without_warning(tmp_path):
+    folder = tmp_path / 'd' / 'big'
+    folder.mkdir(parents=True)
+    path = folder / 'poster.jpg'
+    Image.new('L', (10000, 9000), 90).save(path, quality=10)  # 90 M pixels: 0.15 s, 1 MB
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert check_image(path) == ''
+        assert scan_classes(tmp_path / 'd').samples == [(str(path), 0)]
+    img = loads_quietly(path)
+    assert img.size == (5000, 4500) and img.mode == 'RGB'  # libjpeg's 1/2 scale: within the budget, aspect kept
+    assert img.width * img.height <= images.MAX_IMAGE_PIXELS
+    assert transforms.Compose([transforms.Resize((16, 16)), transforms.ToTensor()])(img).shape == (3, 16, 16)
+
+
+def test_images_past_the_budget_are_reduced_or_skipped_by_format(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 10_000)  # PIL warns past 10 000 pixels, refuses past 20 000
+    monkeypatch.setattr(images, 'MAX_IMAGE_PIXELS', 10_000)
+    folder = tmp_path / 'd' / 'big'
+    folder.mkdir(parents=True)
+    Image.new('L', (1000, 800), 50).save(folder / 'huge.jpg', quality=10)  # 80x PIL's limit: 1/8 scale, then 1/2
+    Image.new('RGB', (200, 150), 'red').save(folder / 'past_limit.jpg')  # past 2x: libjpeg's 1/2 scale
+    Image.new('P', (120, 100), 3).save(folder / 'over.png')  # 1.2x: shrunk after decoding
+    Image.new('RGB', (200, 150), 'red').save(folder / 'past_limit.png')  # past 2x and no reduced decoding
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        scan = scan_classes(tmp_path / 'd')
+    assert [os.path.basename(p) for p, _ in scan.samples] == ['huge.jpg', 'over.png', 'past_limit.jpg']
+    assert scan.skipped == [(str(folder / 'past_limit.png'),
+                             "too large to decode (over 20000 pixels, PIL's limit); downscale it")]
+    for name, size in ('huge.jpg', (63, 50)), ('past_limit.jpg', (100, 75)), ('over.png', (60, 50)):
+        assert loads_quietly(folder / name).size == size
+    assert try_load_rgb(folder / 'past_limit.png') is None

@@ -7,12 +7,13 @@
 
 Below a class folder, files at any depth count, symlinked folders included (each real folder once).
 Folders the toolkit writes (run folders, ``predict-*`` reports) are never scanned as data. Bad files
-(empty, not an image, unreadable) are skipped with a warning naming each; files that only fail when
-decoded (truncated) are skipped at load time by ``SafeImageDataset`` and ``collate_skipping``. Class
-names and indices come from the folder names, sorted.
+(empty, not an image, unreadable, too large to decode) and folders this user may not read are skipped with a
+warning naming each and the cause; files that only fail when decoded (truncated) are skipped at load time by
+``SafeImageDataset`` and ``collate_skipping``. Class names and indices come from the folder names, sorted.
 """
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -23,7 +24,7 @@ from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 
 from utils.errors import UserError
-from .images import IMAGE_EXTENSIONS, check_image, try_load_rgb
+from .images import IMAGE_EXTENSIONS, cannot_read, check_image, try_load_rgb
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,12 @@ def is_toolkit_output(folder) -> bool:
 
 
 def holds_only_toolkit_outputs(folder) -> bool:
-    """Whether ``folder`` is a toolkit output or a folder of them only (e.g. ``runs/``)."""
-    entries = [e for e in os.scandir(folder) if not e.name.startswith('.')]
+    """Whether ``folder`` is a toolkit output or a folder of them only (e.g. ``runs/``); False when it cannot
+    be listed (``list_images`` reports it)."""
+    try:
+        entries = [e for e in os.scandir(folder) if not e.name.startswith('.')]
+    except OSError:
+        return False
     return is_toolkit_output(folder) or bool(entries) and all(e.is_dir() and is_toolkit_output(e.path)
                                                                for e in entries)
 
@@ -68,7 +73,11 @@ def existing_folder(path, what: str = 'data root') -> Path:
 def sub_folders(root: Path) -> List[str]:
     """The visible sub-folders of ``root`` (symlinks followed); toolkit outputs are left out with a warning."""
     names = []
-    for p in sorted(existing_folder(root).iterdir()):
+    try:
+        paths = sorted(existing_folder(root).iterdir())
+    except OSError as err:
+        raise UserError(f"cannot list '{root}': {cannot_read(err, 'folder')}; make it readable by this user") from None
+    for p in paths:
         if p.name.startswith('.') or not p.is_dir():
             continue
         if holds_only_toolkit_outputs(p):
@@ -78,18 +87,35 @@ def sub_folders(root: Path) -> List[str]:
     return names
 
 
-def list_images(folder: Path) -> List[Path]:
+def list_images(folder: Path, skipped: Optional[List[Tuple[str, str]]] = None) -> List[Path]:
     """Every file below ``folder`` (at any depth, through symlinked folders, each real folder once), in a
-    stable order; hidden files and folders, and toolkit outputs, are left out."""
-    seen, found = set(), []
-    for top, dirs, files in os.walk(folder, followlinks=True):
+    stable order; hidden files and folders, and toolkit outputs, are left out. A folder (``folder`` itself
+    included) or file this user may not reach is added to ``skipped`` with the cause, or without
+    ``skipped``, named in a warning."""
+    seen, found, unreadable = set(), [], []
+    for top, dirs, files in os.walk(folder, onerror=lambda err: unreadable.append((err.filename, err)),
+                                    followlinks=True):
         real = os.path.realpath(top)
         if real in seen:  # a symlink loop, or a second link to a folder already listed
             dirs[:] = []
             continue
         seen.add(real)
         dirs[:] = [d for d in dirs if not d.startswith('.') and not is_toolkit_output(os.path.join(top, d))]
-        found += [Path(top, f) for f in files if not f.startswith('.') and os.path.isfile(os.path.join(top, f))]
+        for name in files:
+            path = os.path.join(top, name)
+            try:
+                if not name.startswith('.') and stat.S_ISREG(os.stat(path).st_mode):
+                    found.append(Path(path))
+            except PermissionError as err:  # a folder listed but not searchable
+                unreadable.append((path, err))
+            except OSError:  # a broken symlink
+                pass
+    problems = [(str(path), cannot_read(err, 'folder')) for path, err in unreadable]
+    if skipped is None:
+        for path, problem in problems:
+            log.warning('skipping %s: %s', path, problem)
+    else:
+        skipped += problems
     return sorted(found)
 
 
@@ -99,7 +125,7 @@ def scan_classes(root, classes: Optional[Sequence[str]] = None, verify: bool = T
     names = list(classes) if classes is not None else sub_folders(root)
     samples, skipped = [], []
     for index, name in enumerate(names):
-        for path in list_images(root / name) if (root / name).is_dir() else []:
+        for path in list_images(root / name, skipped) if (root / name).is_dir() else []:
             problem = ('not an image file' if path.suffix.lower() not in IMAGE_EXTENSIONS
                        else check_image(path) if verify else '')
             if problem:
@@ -243,10 +269,13 @@ def image_files(paths: Sequence[str], flag: str = '--images') -> List[str]:
     missing = [p for p in paths if not Path(p).exists()]
     if missing:
         raise UserError(f"{flag}: {', '.join(missing)} not found; check the paths")
-    files = []
+    files, skipped = [], []
     for p in map(Path, paths):
-        found = [f for f in list_images(p) if f.suffix.lower() in IMAGE_EXTENSIONS] if p.is_dir() else [p]
+        found = [f for f in list_images(p, skipped) if f.suffix.lower() in IMAGE_EXTENSIONS] if p.is_dir() else [p]
         files += [str(f) for f in found]
+    for path, problem in skipped:
+        log.warning('skipping %s: %s', path, problem)
     if not files:
-        raise UserError(f"{flag}: no image files in {', '.join(paths)}")
+        unread = f' ({len(skipped)} unreadable, named above; make them readable)' if skipped else ''
+        raise UserError(f"{flag}: no image files in {', '.join(paths)}{unread}")
     return files

@@ -158,6 +158,19 @@ def _from_toolkit_checkpoint(model: nn.Module, ckpt: dict, source: str) -> None:
     load_backbone_state(model, state, source)
 
 
+def check_is_vit(name: str) -> None:
+    """Refuse a name timm does not know, or a model that is not a ViT (no ``blocks`` of ``patch_embed`` tokens),
+    before anything is built: built on the meta device, with its defaults, it costs neither memory nor time."""
+    if not timm.is_model(name):
+        raise UserError(f"timm has no model '{name}'; use a timm ViT/DeiT name such as deit_small_patch16_224 "
+                        f"(timm.list_models('*vit*') lists them)")
+    with torch.device('meta'):
+        probe = timm.create_model(name)
+    if not hasattr(probe, 'blocks') or not hasattr(probe, 'patch_embed'):
+        raise UserError(f"'{name}' is not a Vision Transformer; use a timm ViT/DeiT name such as "
+                        f"deit_small_patch16_224")
+
+
 def build_model(name: str, method: str = 'none', method_cfg: Optional[dict] = None,
                 num_classes: int = 1000, img_size: Optional[int] = None,
                 pretrained: Union[str, bool, None] = None, **model_kwargs) -> nn.Module:
@@ -168,6 +181,7 @@ def build_model(name: str, method: str = 'none', method_cfg: Optional[dict] = No
         'hf-hub:ORG/NAME' (see ``models.pretrained``).
     model_kwargs: passed to ``timm.create_model`` (e.g. depth=4, embed_dim=64 for a tiny test model).
     """
+    check_is_vit(name)
     kwargs = dict(num_classes=num_classes, **model_kwargs)
     if img_size:
         kwargs['img_size'] = img_size
@@ -205,9 +219,6 @@ def build_model(name: str, method: str = 'none', method_cfg: Optional[dict] = No
             raise
         raise UserError(f"weights in '{label}' do not fit model '{name}' (key {err}); "
                         f"pass the --model these weights were made for") from None
-    if not hasattr(model, 'blocks') or not hasattr(model, 'patch_embed'):
-        raise UserError(f"'{name}' is not a Vision Transformer; use a timm ViT/DeiT name such as "
-                        f"deit_small_patch16_224")
     if ckpt is not None and is_toolkit_checkpoint(ckpt):
         _from_toolkit_checkpoint(model, ckpt, label)
     model = apply_method(model, method, method_cfg)

@@ -27,3 +27,15 @@ def test_run_cli_codes(exc, code, message, capsys):
     assert run_cli(fail, 'stopped by you') == code
     assert capsys.readouterr().err.strip() == message
     assert run_cli(lambda: None) == 0
+
+
+@pytest.mark.parametrize('model', ['resnet50', 'no_such_model'])
+def test_a_model_that_is_not_a_vit_is_one_line_on_every_path(model, tmp_path, capsys):
+    data = make_image_folder(tmp_path / 'd', per_class=3, size=16)
+    run = tmp_path / 'run'
+    for argv in (['--output-dir', str(run)], ['--data-root', str(data), '--output-dir', str(run)]):  # demo, data
+        assert train_gpu.main(['--model', model, *argv]) == 2
+    assert benchmark.main(['--model', model, '--output-dir', str(tmp_path / 'b')]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith('error: ') and model in line for line in err), err
+    assert not run.exists() and not (tmp_path / 'b').exists()

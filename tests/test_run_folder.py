@@ -77,9 +77,19 @@ def test_default_run_folders_of_the_same_second_differ(tmp_path):
     first = run_files.claim_run_dir(None, None, [tmp_path / 'data'], default)
     second = run_files.claim_run_dir(None, None, [tmp_path / 'data'], default)
     assert first == default and second.name == default.name + '-2' and second.is_dir()
-    for folder in (first, second):
-        run_files.release_run_dir(folder)
-        assert not (folder / '.lock').exists()
+    run_files.release_run_dir(first)
+    assert first.is_dir() and not (first / '.lock').exists()
+    run_files.release_run_dir(second, started=False)  # a failed start leaves no folder behind
+    assert not second.exists()
+
+
+def test_a_failed_start_leaves_no_run_folder(data, tmp_path, capsys):
+    made, given = tmp_path / 'new' / 'run', tmp_path / 'mine'
+    given.mkdir()
+    for folder in (made, given):
+        expect_error(['--data-root', str(data), '--output-dir', str(folder), '--nb-classes', '5', *TINY_FLAGS],
+                     capsys, '--nb-classes 5')
+    assert not made.exists() and given.is_dir()  # a folder the user made stays
 
 
 def test_config_yaml_loads_back_as_config(run, tmp_path):

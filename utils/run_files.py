@@ -3,6 +3,7 @@ import csv
 import json
 import logging
 import platform
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 RUN_FILES = ('last.pth', 'best.pth', 'log.csv')  # a folder holding any of these holds a run
 NOT_SETTINGS = ('config', 'resume', 'output_dir', 'local_rank', 'method_cfg')  # per invocation, or derived
 DERIVED = 'run_info'  # config.yaml's section of facts about the run, which --config ignores
-_held_locks: Dict[Path, RunLock] = {}  # the run folders this process has claimed
+_claims: Dict[Path, Tuple[RunLock, bool]] = {}  # the run folders this process holds, and whether it made them
 
 
 def claim_run_dir(output_dir: Optional[str], resume: Optional[str], data_folders, default: Path) -> Path:
@@ -35,6 +36,7 @@ def claim_run_dir(output_dir: Optional[str], resume: Optional[str], data_folders
         if chosen.resolve() == data or data in chosen.resolve().parents:
             raise UserError(f"the run folder '{chosen}' is inside the data folder '{data}', where it would become "
                             f"a class of the next run; pass an --output-dir outside the data")
+    made = chosen == default or not chosen.exists()
     if chosen == default:
         chosen = new_folder(default)
     else:
@@ -49,7 +51,7 @@ def claim_run_dir(output_dir: Optional[str], resume: Optional[str], data_folders
     for tmp in chosen.glob('.*.tmp'):  # left by a run killed while saving; the lock says it is gone
         log.warning('removing %s, an unfinished write of a run that was killed', tmp)
         tmp.unlink(missing_ok=True)
-    _held_locks[chosen] = lock
+    _claims[chosen] = (lock, made)
     return chosen
 
 
@@ -66,11 +68,19 @@ def new_folder(default: Path) -> Path:
     raise UserError(f"no free run folder name next to '{default}'; pass --output-dir")
 
 
-def release_run_dir(run_dir) -> None:
-    """Give up the lock ``claim_run_dir`` took on ``run_dir`` (nothing when this process holds none)."""
-    lock = _held_locks.pop(Path(run_dir), None)
-    if lock is not None:
-        lock.release()
+def release_run_dir(run_dir, started: bool = True) -> None:
+    """Give up the lock ``claim_run_dir`` took on ``run_dir`` (nothing when this process holds none). A run that
+    failed to start (``started`` False) removes the folder it made: a run folder exists once a run has begun."""
+    lock, made = _claims.pop(Path(run_dir), (None, False))
+    if lock is None:
+        return
+    if made and not started:
+        for handler in [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]:
+            if Path(handler.baseFilename).parent == Path(run_dir).resolve():
+                logging.getLogger().removeHandler(handler)
+                handler.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+    lock.release()
 
 
 def setup_logging(run_dir, is_main: bool) -> None:

@@ -19,7 +19,7 @@ from torch import nn
 from datasets.demo import make_demo_dataset
 from datasets.folder import Split, make_split
 from datasets.transforms import Augmentation, data_config, eval_transform, train_transform
-from models.factory import build_model, model_new_params
+from models.factory import build_model, check_is_vit, model_new_params
 from models.registry import method_cfg, unwrap, within_budget
 from utils import run_files
 from utils.checkpoint import (finite_state, load_backbone_state, load_resume_checkpoint, make_checkpoint, rng_state,
@@ -97,8 +97,9 @@ def _train(args, info: DistInfo) -> Path:
     curves = TrainingCurves(args.log_tensorboard)  # a missing tensorboard stops the run here
     resume_ckpt = load_resume_checkpoint(args.resume) if args.resume else None
     lr, warmup = resolve_lr(args, info.world_size), warmup_epochs(args)  # a bad flag is refused before the run folder
+    check_is_vit(args.model)  # and a model that is not a ViT, before the demo data too
     run_dir = prepare_run_dir(args, info)
-    progress = Progress.of(resume_ckpt, args.resume)
+    progress, started = Progress.of(resume_ckpt, args.resume), False
     try:
         split = on_main_process(scan_data, args, resume_ckpt)
         model, meta = build_run_model(args, split.classes, resume_ckpt, info)
@@ -108,13 +109,14 @@ def _train(args, info: DistInfo) -> Path:
         opt = build_optimisation(args, model, loader, split, lr.value, warmup, info.device)
         if resume_ckpt:
             resume(resume_ckpt, args, model, opt, progress, info)
+        started = True
         run_epochs(run_dir, args, info, split, model, meta, loader, val_loader, opt, progress, curves)
     except Diverged as err:
         raise Diverged(f'{err}; {progress.kept(run_dir)}. Lower --lr, or set --clip-grad 1.0 (or --no-amp)') from None
     except Stopped as stop:
         raise Stopped(f'{stop}: {progress.kept(run_dir)}', stop.exit_code) from None
     finally:
-        run_files.release_run_dir(run_dir)
+        run_files.release_run_dir(run_dir, started)
     return run_dir
 
 

@@ -32,6 +32,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
+from utils.errors import MethodConfigError
 from .provenance import follow, initial_owner, keep_remap, record
 from .common import attend, check_attention, embed, head, maybe_checkpoint, mlp_residual, swap_class
 
@@ -47,7 +48,7 @@ PRESETS = {1: (0.8, 0.1), 2: (0.7, 0.1), 3: (0.9, 0.4), 4: (1.0, 0.4), 5: (0.6, 
 def preset(num_prop: int) -> dict:
     """The official README's tuned settings for ``num_prop`` tokens per block (our sparsity = 1 - theirs)."""
     if num_prop not in PRESETS:
-        raise ValueError(f'gtp: no preset for num_prop {num_prop}; presets exist for {min(PRESETS)}-{max(PRESETS)}')
+        raise MethodConfigError(f'gtp: no preset for num_prop {num_prop}; presets exist for {min(PRESETS)}-{max(PRESETS)}')
     kept, alpha = PRESETS[num_prop]
     return dict(num_prop=num_prop, alpha=alpha, sparsity=1 - kept)
 
@@ -64,7 +65,7 @@ def importance(probs: torch.Tensor, rule: str, prefix: int) -> torch.Tensor:
         return received.amax(dim=1)
     if rule == 'CLSAttnMean':
         return probs[:, :, 0, prefix:].mean(dim=1)
-    raise ValueError(f'unknown GTP selection {rule}; choose from {SELECTIONS}')
+    raise MethodConfigError(f'unknown GTP selection {rule}; choose from {SELECTIONS}')
 
 
 def spatial_graph(height: int, width: int, device) -> torch.Tensor:
@@ -158,7 +159,7 @@ class GTPVisionTransformer:
         cfg = {**self.gtp_cfg, **changes}
         unknown = sorted(set(changes) - set(self.gtp_cfg))
         if unknown:
-            raise ValueError(f"unknown gtp setting(s) {', '.join(unknown)}; gtp takes {', '.join(self.gtp_cfg)}")
+            raise MethodConfigError(f"unknown gtp setting(s) {', '.join(unknown)}; gtp takes {', '.join(self.gtp_cfg)}")
         checks = [(cfg['num_prop'] >= 0, 'num_prop must be >= 0'),
                   (cfg['selection'] in SELECTIONS, f'selection must be one of {SELECTIONS}'),
                   (cfg['propagation'] in PROPAGATIONS, f'propagation must be one of {PROPAGATIONS}'),
@@ -169,7 +170,7 @@ class GTPVisionTransformer:
                    'selection CLSAttnMean needs a class token')]
         for ok, message in checks:
             if not ok:
-                raise ValueError(f'gtp: {message} (got {cfg})')
+                raise MethodConfigError(f'gtp: {message} (got {cfg})')
         self.gtp_cfg = cfg
 
     def method_stats(self) -> dict:

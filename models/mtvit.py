@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from utils.errors import MethodConfigError
 from .provenance import follow, initial_owner, keep_remap, record
 from .common import attn_residual, check_attention, embed, head, maybe_checkpoint, mlp_residual, swap_class
 
@@ -189,20 +190,20 @@ class MTViTVisionTransformer:
     def configure(self, **changes) -> None:
         unknown = sorted(set(changes) - set(self.mtvit_cfg))
         if unknown:
-            raise ValueError(f"unknown mtvit setting(s) {', '.join(unknown)}; mtvit takes {', '.join(self.mtvit_cfg)}")
+            raise MethodConfigError(f"unknown mtvit setting(s) {', '.join(unknown)}; mtvit takes {', '.join(self.mtvit_cfg)}")
         if 'multi_scale' in changes and changes['multi_scale'] != self.mtvit_cfg['multi_scale']:
-            raise ValueError('mtvit: multi_scale is fixed when the model is built; build it again to change it')
+            raise MethodConfigError('mtvit: multi_scale is fixed when the model is built; build it again to change it')
         cfg = {**self.mtvit_cfg, **changes}
         blocks = tuple(int(b) for b in cfg['prune_blocks'])
         if not 0 < cfg['keep_rate'] <= 1:
-            raise ValueError(f"mtvit: keep_rate must be in (0, 1], got {cfg['keep_rate']}")
+            raise MethodConfigError(f"mtvit: keep_rate must be in (0, 1], got {cfg['keep_rate']}")
         if cfg['fusion'] not in FUSIONS:
-            raise ValueError(f"mtvit: fusion must be one of {FUSIONS}, got {cfg['fusion']}")
+            raise MethodConfigError(f"mtvit: fusion must be one of {FUSIONS}, got {cfg['fusion']}")
         if not blocks or blocks != tuple(sorted(set(blocks))) or blocks[0] < 1 or blocks[-1] >= len(self.blocks):
-            raise ValueError(f'mtvit: prune_blocks must be increasing block indices in 1..{len(self.blocks) - 1}, '
+            raise MethodConfigError(f'mtvit: prune_blocks must be increasing block indices in 1..{len(self.blocks) - 1}, '
                              f'got {cfg["prune_blocks"]}')
         if cfg['shrink_start_epoch'] < 0 or cfg['shrink_epochs'] < 0:
-            raise ValueError('mtvit: shrink_start_epoch and shrink_epochs must be >= 0')
+            raise MethodConfigError('mtvit: shrink_start_epoch and shrink_epochs must be >= 0')
         cfg['prune_blocks'] = list(blocks)
         self.mtvit_cfg = cfg
         for i, blk in enumerate(self.blocks):
@@ -276,7 +277,7 @@ def new_scale_fusion(model: nn.Module) -> ScaleFusion:
     """The fusion module, its coarse position embedding started from the model's, resampled to the coarse grid
     (the official starts it at random: trunc-normal, std 0.02)."""
     if model.pos_embed is None:
-        raise ValueError('mtvit: multi_scale needs a model with a learned position embedding; pass multi_scale=False')
+        raise MethodConfigError('mtvit: multi_scale needs a model with a learned position embedding; pass multi_scale=False')
     grid = coarse_grid(model, *model.patch_embed.img_size)
     num_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
     pos = resample_abs_pos_embed(model.pos_embed, list(grid), list(model.patch_embed.grid_size),

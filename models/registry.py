@@ -37,7 +37,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from utils.errors import UserError
+from utils.errors import MethodConfigError, UserError
 
 METHODS = ('none', 'tome', 'gtp', 'mtvit', 'toe', 'dge')
 
@@ -45,7 +45,7 @@ METHODS = ('none', 'tome', 'gtp', 'mtvit', 'toe', 'dge')
 def method_module(name: str):
     """The module that implements method ``name`` (``none`` has none)."""
     if name not in METHODS:
-        raise ValueError(f"unknown method '{name}'; choose one of: {', '.join(METHODS)}")
+        raise MethodConfigError(f"unknown method '{name}'; choose one of: {', '.join(METHODS)}")
     return None if name == 'none' else importlib.import_module(f'models.{name}')
 
 
@@ -66,13 +66,13 @@ def apply_method(model: nn.Module, name: str, cfg: Optional[dict] = None) -> nn.
     module = method_module(name)
     if module is None:
         if cfg:
-            raise ValueError(f"method 'none' takes no settings, got {sorted(cfg)}")
+            raise MethodConfigError(f"method 'none' takes no settings, got {sorted(cfg)}")
         return model
     cfg = dict(cfg or {})
     accepted = [p for p in inspect.signature(module.apply).parameters if p != 'model']
     unknown = sorted(set(cfg) - set(accepted))
     if unknown:
-        raise ValueError(f"unknown {name} setting(s) {', '.join(unknown)}; {name} takes {', '.join(accepted)}")
+        raise MethodConfigError(f"unknown {name} setting(s) {', '.join(unknown)}; {name} takes {', '.join(accepted)}")
     return module.apply(model, **cfg)
 
 
@@ -122,8 +122,8 @@ def method_cfg_from_given(args: argparse.Namespace, given) -> dict:
         methods = sorted({name for name, _ in foreign})
         named = ', '.join(flag for _, flag in foreign)
         if args.method is None:
-            raise ValueError(f"{named}: method flags need their --method; add --method {' / '.join(methods)}")
-        raise ValueError(f"{named}: not for --method {args.method} but {' / '.join(methods)}; drop them or "
+            raise MethodConfigError(f"{named}: method flags need their --method; add --method {' / '.join(methods)}")
+        raise MethodConfigError(f"{named}: not for --method {args.method} but {' / '.join(methods)}; drop them or "
                          f"change --method")
     if args.method is None:
         return {}

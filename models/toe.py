@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
+from utils.errors import MethodConfigError
 from .provenance import keep_remap, record
 from .common import check_attention, embed, head, maybe_checkpoint, swap_class
 
@@ -112,22 +113,22 @@ class ToEVisionTransformer:
         allowed = set(self.toe_cfg) | {'stage'}
         unknown = sorted(set(changes) - allowed)
         if unknown:
-            raise ValueError(f"unknown toe setting(s) {', '.join(unknown)}; toe takes {', '.join(sorted(allowed))}")
+            raise MethodConfigError(f"unknown toe setting(s) {', '.join(unknown)}; toe takes {', '.join(sorted(allowed))}")
         stage = changes.pop('stage', self.toe_stage)
         cfg = {**self.toe_cfg, **changes}
         rates, steps = [float(r) for r in cfg['keep_rate']], [float(s) for s in cfg['steps']]
         if len(rates) != len(steps) or not rates:
-            raise ValueError(f'toe: keep_rate ({len(rates)} values) and steps ({len(steps)} values) need one value '
+            raise MethodConfigError(f'toe: keep_rate ({len(rates)} values) and steps ({len(steps)} values) need one value '
                              f'per stage, e.g. --toe-keep-rate 0.5 0.75 1.0 --toe-steps 0 0.33 0.67')
         if steps[0] != 0 or any(b <= a for a, b in zip(steps, steps[1:])) or steps[-1] >= 1:
-            raise ValueError(f'toe: steps must start at 0 and increase below 1 (fractions of training), got {steps}')
+            raise MethodConfigError(f'toe: steps must start at 0 and increase below 1 (fractions of training), got {steps}')
         if not all(0 < r <= 1 for r in rates) or not 0 < cfg['init_keep_rate'] <= min(rates):
-            raise ValueError(f"toe: keep rates must be in (0, 1] and init_keep_rate in (0, {min(rates)}], "
+            raise MethodConfigError(f"toe: keep rates must be in (0, 1] and init_keep_rate in (0, {min(rates)}], "
                              f"got {rates} and {cfg['init_keep_rate']}")
         if int(cfg['substeps']) < 1:
-            raise ValueError('toe: substeps must be >= 1')
+            raise MethodConfigError('toe: substeps must be >= 1')
         if stage is not None and not 0 <= stage < len(rates):
-            raise ValueError(f'toe: stage must be in 0..{len(rates) - 1}, got {stage}')
+            raise MethodConfigError(f'toe: stage must be in 0..{len(rates) - 1}, got {stage}')
         self.toe_cfg = dict(cfg, keep_rate=rates, steps=steps, substeps=int(cfg['substeps']))
         self.toe_stage = stage
 

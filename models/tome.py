@@ -20,6 +20,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from utils.errors import MethodConfigError
 from .provenance import record
 from .common import attn_residual, check_attention, embed, head, maybe_checkpoint, mlp_residual, swap_class
 
@@ -49,7 +50,7 @@ def parse_r_flag(values) -> RSetting:
             return int(base), float(inflection)
         rs = [int(v) for v in values]
     except ValueError:
-        raise ValueError(f"--tome-r {' '.join(map(str, values))}: give an int (13), one int per block (8 8 4 4) "
+        raise MethodConfigError(f"--tome-r {' '.join(map(str, values))}: give an int (13), one int per block (8 8 4 4) "
                          f"or r,inflection (13,-1)") from None
     return rs[0] if len(rs) == 1 else rs
 
@@ -124,13 +125,13 @@ class ToMeVisionTransformer:
     def configure(self, **changes) -> None:
         unknown = sorted(set(changes) - set(SETTINGS))
         if unknown:
-            raise ValueError(f'unknown ToMe setting(s) {unknown}; ToMe takes {", ".join(SETTINGS)}')
+            raise MethodConfigError(f'unknown ToMe setting(s) {unknown}; ToMe takes {", ".join(SETTINGS)}')
         if 'r' in changes:
             r = changes['r']
             if isinstance(r, tuple) and len(r) != 2:
-                raise ValueError(f'ToMe r as a tuple is (r, inflection), got {r}; pass a list for one r per block')
+                raise MethodConfigError(f'ToMe r as a tuple is (r, inflection), got {r}; pass a list for one r per block')
             if any(v < 0 for v in per_block_r(r, len(self.blocks))):
-                raise ValueError(f'ToMe r must be >= 0, got {r}')
+                raise MethodConfigError(f'ToMe r must be >= 0, got {r}')
             self.tome_r = r
         if 'prop_attn' in changes:
             self.tome_prop_attn = bool(changes['prop_attn'])

@@ -4,7 +4,7 @@ import pytest
 import benchmark
 import train_gpu
 from conftest import TINY_FLAGS, make_image_folder
-from utils.errors import UserError, run_cli
+from utils.errors import MethodConfigError, Stopped, UserError, run_cli
 
 
 def test_bad_method_setting_is_one_line_in_every_cli(tmp_path, capsys):
@@ -19,7 +19,8 @@ def test_bad_method_setting_is_one_line_in_every_cli(tmp_path, capsys):
 
 
 @pytest.mark.parametrize('exc, code, message', [(UserError('bad input'), 2, 'error: bad input'),
-                                                (ValueError('bad value'), 2, 'error: bad value'),
+                                                (MethodConfigError('bad value'), 2, 'error: bad value'),
+                                                (Stopped('stopped by SIGTERM', 143), 143, 'stopped by SIGTERM'),
                                                 (KeyboardInterrupt(), 130, 'stopped by you')])
 def test_run_cli_codes(exc, code, message, capsys):
     def fail():
@@ -27,6 +28,14 @@ def test_run_cli_codes(exc, code, message, capsys):
     assert run_cli(fail, 'stopped by you') == code
     assert capsys.readouterr().err.strip() == message
     assert run_cli(lambda: None) == 0
+
+
+def test_a_bug_keeps_its_traceback():
+    """Only bad input is one line: a ValueError from inside torch or timm is a bug to see whole."""
+    def fail():
+        raise ValueError('a bug')
+    with pytest.raises(ValueError, match='a bug'):
+        run_cli(fail)
 
 
 @pytest.mark.parametrize('model', ['resnet50', 'no_such_model'])

@@ -7,6 +7,10 @@ class UserError(Exception):
     """Bad input from the user: the message says what is wrong and what to do."""
 
 
+class MethodConfigError(UserError, ValueError):
+    """A method setting it cannot take (a ``ValueError`` too, as the methods' callers expect)."""
+
+
 class Stopped(BaseException):
     """The run was stopped by a signal (``utils.stop_signals``); the message says what is kept. A
     ``BaseException``, like ``KeyboardInterrupt``, so that no ``except Exception`` swallows it."""
@@ -17,12 +21,12 @@ class Stopped(BaseException):
 
 
 def run_cli(fn: Callable[[], object], interrupted: str = 'interrupted') -> int:
-    """Run a CLI's work: 0 when it finishes; one ``error: ...`` line and 2 for bad input (``UserError``, or
-    the ``ValueError`` of a bad method setting); ``interrupted`` and 130 on Ctrl-C; a ``Stopped`` run's message
-    and the shell's code for its signal."""
+    """Run a CLI's work: 0 when it finishes; one ``error: ...`` line and 2 for bad input (``UserError``, a bad
+    method setting's ``MethodConfigError`` among them; any other exception is a bug and keeps its traceback);
+    ``interrupted`` and 130 on Ctrl-C; a ``Stopped`` run's message and the shell's code for its signal."""
     try:
         fn()
-    except (UserError, ValueError) as err:
+    except UserError as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
     except Stopped as stop:

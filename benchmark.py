@@ -73,7 +73,7 @@ def run(args) -> None:
     checkpoint = evaluate = None
     img_size, num_classes, model_name = args.img_size, 1000, args.model
     if args.weights:
-        from utils.checkpoint import load_toolkit_checkpoint
+        from models.checkpoint import load_toolkit_checkpoint
         checkpoint = load_toolkit_checkpoint(args.weights)
         img_size = checkpoint['data_config']['input_size'][-1]
         num_classes, model_name = checkpoint['num_classes'], checkpoint['model_name']

@@ -67,7 +67,7 @@ def run_labelled(args, method, cfg, device) -> None:
 
 def run_images(args, method, cfg, device) -> None:
     from datasets.images import check_image
-    from utils.checkpoint import load_for_inference
+    from models.factory import load_for_inference
     from utils.predictor import predict
     from utils.report import predictions_table, write_predictions
     from datasets.folder import image_files
@@ -97,7 +97,7 @@ def run_images(args, method, cfg, device) -> None:
 
 
 def draw_token_maps(args, method, cfg, device, files, out: Path) -> None:
-    from utils.checkpoint import load_for_inference
+    from models.factory import load_for_inference
     from utils.token_maps import write_token_maps
     model, meta = load_for_inference(args.weights, device, method, cfg)
     print(f"token maps: {write_token_maps(model, files, meta['data_config'], out, args.n_visualization)}")

@@ -142,7 +142,7 @@ def find_latest_checkpoint(output_dir):
 
 def resume_layer(path: str, parser) -> dict:
     """The resumed run's own settings, so ``--resume X`` alone continues it as it was."""
-    from utils.checkpoint import load_resume_checkpoint
+    from models.checkpoint import load_resume_checkpoint
     saved = load_resume_checkpoint(path).get('args', {})
     saved.setdefault('sched', 'cosine')  # a run from before --sched continues on the schedule it began with
     known = {a.dest for a in parser._actions} - {'resume', 'config', 'output_dir', 'local_rank', 'help'}

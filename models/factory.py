@@ -8,89 +8,16 @@ this toolkit is loaded from its own state dict instead, head included when the c
 re-initialise the head whenever ``num_classes`` differs from the pretrained config's.
 """
 import os
-import pickle
-import zipfile
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import timm
 import torch
 from torch import nn
 
 from utils.errors import UserError
+from .checkpoint import META_KEYS, is_toolkit_checkpoint, load_toolkit_checkpoint, read_checkpoint
 from .pretrained import HubWeights, resolve_pretrained
 from .registry import apply_method, convert_pretrained, method_name, new_param_prefixes
-
-TOOLKIT_FORMAT = 'vit-token-reduction/1'
-
-
-ZIP_MAGIC = b'PK\x03\x04'  # torch.save's format since PyTorch 1.6 is a zip archive
-LEGACY_MAGIC = b'\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19'  # its older format: pickle protocol 2, torch's magic number
-
-
-def read_checkpoint(path: str) -> dict:
-    """Load a checkpoint file safely (tensors and plain values only) or fail with a clear message."""
-    if not os.path.isfile(path):
-        raise UserError(f"weights file '{path}' does not exist; give the path of a .pth or .safetensors file")
-    try:
-        with open(path, 'rb') as f:
-            head = f.read(512)
-    except OSError as err:
-        raise UserError(f"weights file '{path}' cannot be read ({err.strerror}); check its permissions") from None
-    if not head:
-        raise UserError(f"'{path}' is empty (0 bytes): the download or save did not happen; download or save it again")
-    try:
-        if str(path).endswith('.safetensors'):
-            from safetensors.torch import load_file
-            return load_file(path, device='cpu')
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as err:  # torch / pickle / safetensors raise many types for a bad file: the file tells which
-        raise UserError(_unreadable(path, head, err)) from None
-    if not isinstance(ckpt, dict):
-        raise UserError(f"'{path}' holds a {type(ckpt).__name__}, not a state dict or checkpoint")
-    return ckpt
-
-
-def _zip_members(path: str) -> Optional[list]:
-    """The names in the zip archive ``path``, or None when its central directory is missing or damaged."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return None
-
-
-def _unreadable(path: str, head: bytes, err: Exception) -> str:
-    """Why the weights file ``path`` (which starts with ``head``) failed to load with ``err``, in our words."""
-    size = os.path.getsize(path)
-    damaged = (f"'{path}' is truncated or damaged ({size} bytes): the download or save did not finish; "
-               f"download or save it again")
-    safetensors_name, torch_file = str(path).endswith('.safetensors'), head.startswith((ZIP_MAGIC, LEGACY_MAGIC))
-    if safetensors_name and head[8:9] == b'{':  # a safetensors file: a little-endian header length, then JSON
-        return damaged
-    if safetensors_name and torch_file:
-        return f"'{path}' is a PyTorch checkpoint, not a safetensors file; rename it to .pth"
-    if head.startswith(ZIP_MAGIC):
-        members = _zip_members(path)
-        if members is None:
-            return damaged
-        if not any(name.endswith('data.pkl') for name in members):
-            return f"'{path}' is a zip archive without a PyTorch checkpoint in it; pass the weights file itself"
-    if torch_file:
-        if isinstance(err, pickle.UnpicklingError):  # the safe load met a Python object other than plain values
-            return (f"'{path}' holds Python objects besides tensors, and loading those could run code, which "
-                    f"this toolkit never does; if you trust its source, re-save only the weights there with "
-                    f"torch.save(model.state_dict(), FILE)")
-        return damaged
-    if not any(byte < 9 or 13 < byte < 32 for byte in head):
-        return (f"'{path}' is a text file, not a checkpoint (an error page saved in place of a download?); "
-                f"pass a .pth or .safetensors weights file")
-    return (f"'{path}' is not a checkpoint: its {size} bytes are neither a PyTorch .pth nor a .safetensors file; "
-            f"pass a weights file saved by torch.save or safetensors")
-
-
-def is_toolkit_checkpoint(ckpt: dict) -> bool:
-    return ckpt.get('format') == TOOLKIT_FORMAT
-
 
 SIZE_NAMES = {192: 'tiny', 384: 'small', 768: 'base', 1024: 'large', 1280: 'huge'}  # timm's ViT widths
 
@@ -241,3 +168,33 @@ def model_new_params(model: nn.Module):
     """Names of parameters the method added (they start from their own initialisation)."""
     prefixes = new_param_prefixes(model)
     return [n for n, _ in model.named_parameters() if prefixes and n.startswith(prefixes)]
+
+
+def model_from_checkpoint(ckpt: dict, source: str = 'checkpoint', method: Optional[str] = None,
+                          method_cfg: Optional[dict] = None) -> nn.Module:
+    """Rebuild the checkpoint's model with its weights; ``method``/``method_cfg`` may override the method.
+
+    The backbone always loads strictly. Parameters a method added load when the method stays the same;
+    another method starts its own new parameters from their initialisation.
+    """
+    model = build_model(ckpt['model_name'], 'none', None, num_classes=ckpt['num_classes'],
+                        img_size=ckpt['data_config']['input_size'][-1], **ckpt['model_kwargs'])
+    own = model.state_dict()
+    state = ckpt['model']
+    load_backbone_state(model, {k: v for k, v in state.items() if k in own}, source)
+    same = method is None or method == ckpt['method']
+    cfg = {**ckpt['method_cfg'], **(method_cfg or {})} if same else dict(method_cfg or {})
+    model = apply_method(model, ckpt['method'] if same else method, cfg)
+    if same:
+        load_backbone_state(model, state, source)
+    return model
+
+
+def load_for_inference(path, device='cpu', method: Optional[str] = None,
+                       method_cfg: Optional[dict] = None) -> Tuple[nn.Module, dict]:
+    """(model in eval mode on ``device``, checkpoint metadata) from a toolkit checkpoint."""
+    ckpt = load_toolkit_checkpoint(path)
+    model = model_from_checkpoint(ckpt, str(path), method, method_cfg).to(device).eval()
+    meta = {k: ckpt[k] for k in META_KEYS}
+    meta.update(epoch=ckpt.get('epoch'), best_metric=ckpt.get('best_metric'))
+    return model, meta

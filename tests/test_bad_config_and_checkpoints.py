@@ -9,7 +9,7 @@ import yaml
 
 import predict
 import train_gpu
-from models.factory import read_checkpoint
+from models.checkpoint import read_checkpoint
 from utils.config import check_config
 from utils.errors import UserError
 from utils.run_files import NOT_SETTINGS, write_config

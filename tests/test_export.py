@@ -21,7 +21,7 @@ BATCH = {'none': 4, 'tome': None, 'gtp': 4, 'mtvit': 4, 'toe': 4}
 def checkpoint(tmp_path_factory):
     """A dense toolkit checkpoint of a tiny ViT (random weights, a trained-looking head) and labelled images."""
     from datasets.transforms import data_config
-    from utils.checkpoint import make_checkpoint, save_atomic
+    from models.checkpoint import make_checkpoint, save_atomic
     root = tmp_path_factory.mktemp('export')
     torch.manual_seed(0)
     model = build_model('vit_tiny_patch16_224', num_classes=3, **TINY)
@@ -37,7 +37,7 @@ def checkpoint(tmp_path_factory):
 def test_onnx_gives_predicts_probabilities(method, checkpoint, tmp_path, capsys):
     import onnxruntime as ort
     from datasets.folder import image_files
-    from utils.checkpoint import load_for_inference
+    from models.factory import load_for_inference
     from utils.export import input_batch
     from utils.predictor import predict
     import export

@@ -203,7 +203,7 @@ def test_truncated_images_are_skipped_or_refused(run, tmp_path, capsys, caplog):
                          str(tmp_path / 'cut1.jpg'), '--workers', '0', '--output-dir', str(tmp_path / 'o')]) == 2
     err = capsys.readouterr().err
     assert 'error: none of the 2 --images could be decoded' in err and 'Traceback' not in err
-    from utils.checkpoint import load_for_inference
+    from models.factory import load_for_inference
     from utils.token_maps import write_token_maps
     model, meta = load_for_inference(run_dir / 'best.pth', method='tome', method_cfg=dict(r=2))
     files = [str(tmp_path / 'cut0.jpg'), str(data / 'checker' / '000.png')]

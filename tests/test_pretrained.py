@@ -34,7 +34,7 @@ def test_downloaded_formats_load_with_new_head_and_resized_position_embedding(fm
 
 def test_toolkit_checkpoint_as_pretrained_keeps_its_head(tmp_path, source):
     from datasets.transforms import data_config
-    from utils.checkpoint import make_checkpoint, save_atomic
+    from models.checkpoint import make_checkpoint, save_atomic
     trained = build_model('vit_tiny_patch16_224', num_classes=3, **TINY)
     meta = dict(model_name='vit_tiny_patch16_224', model_kwargs=KW, method='none', method_cfg={}, num_classes=3,
                 class_names=['a', 'b', 'c'], data_config=data_config(trained, 32))

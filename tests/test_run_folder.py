@@ -12,7 +12,7 @@ import yaml
 import train_gpu
 from conftest import TINY_FLAGS, make_image_folder
 from utils import run_files
-from utils.checkpoint import save_atomic
+from models.checkpoint import save_atomic
 from utils.errors import UserError
 
 
@@ -314,7 +314,7 @@ def test_a_signal_during_a_save_finishes_the_epoch_then_stops(sig, code, copy, c
     """The signal arrives while last.pth is being written: the epoch's files are finished, the run stops with
     the shell's code and one line, no temporary file is left, and --resume goes on."""
     import signal
-    import utils.checkpoint
+    import models.checkpoint
     real_save = torch.save
 
     def save_with_a_signal(obj, f):
@@ -323,7 +323,7 @@ def test_a_signal_during_a_save_finishes_the_epoch_then_stops(sig, code, copy, c
             os.kill(os.getpid(), getattr(signal, sig))
         real_save(obj, f)
 
-    monkeypatch.setattr(utils.checkpoint.torch, 'save', save_with_a_signal)
+    monkeypatch.setattr(models.checkpoint.torch, 'save', save_with_a_signal)
     assert train_gpu.main(['--resume', str(copy / 'last.pth'), '--epochs', '6']) == code
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"stopped by {sig}: {copy / 'last.pth'} holds epoch 3; continue with --resume " \

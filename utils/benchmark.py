@@ -74,7 +74,7 @@ class ModelSource:
 
     def _build(self, method: str, changes: dict):
         if self.checkpoint is not None:
-            from utils.checkpoint import model_from_checkpoint
+            from models.factory import model_from_checkpoint
             return model_from_checkpoint(self.checkpoint, 'checkpoint', method, changes)
         return build_model(self.cfg.model, method, changes, num_classes=self.cfg.num_classes,
                            img_size=self.cfg.img_size, **self.cfg.model_kwargs)

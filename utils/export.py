@@ -51,7 +51,7 @@ def check_exportable(model: nn.Module) -> None:
     if method_name(model) == 'dge':
         raise UserError("a DGE model cannot be exported: its routers choose per image how many queries each block "
                         "runs, a data-dependent shape torch.export cannot put in a graph (a traced one would freeze "
-                        "one image's routing); serve it with PyTorch (utils.checkpoint.load_for_inference / "
+                        "one image's routing); serve it with PyTorch (models.factory.load_for_inference / "
                         "predict.py), or export the dense model (--method none)")
 
 
@@ -169,7 +169,7 @@ def export_checkpoint(weights: str, fmt: str, output: Optional[str] = None, meth
                       check_count: int = 8) -> dict:
     """Export ``weights`` (a toolkit checkpoint, its method optionally overridden) and check the file;
     returns the sidecar written beside it, with the check's figures."""
-    from utils.checkpoint import load_for_inference
+    from models.factory import load_for_inference
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     if fmt == 'onnx':

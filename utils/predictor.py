@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from datasets.transforms import eval_transform
 from models.registry import method_cfg, method_name, method_stats
-from utils.checkpoint import load_for_inference
+from models.factory import load_for_inference
 from utils.data import eval_loader
 from utils.errors import UserError
 

@@ -4,13 +4,11 @@ The CLI (train_gpu.py) only parses flags; everything a run does is here, in the 
 """
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 from timm.data import Mixup
 from timm.utils import ModelEmaV3
@@ -19,11 +17,10 @@ from torch import nn
 from datasets.demo import make_demo_dataset
 from datasets.folder import Split, make_split
 from datasets.transforms import Augmentation, data_config, eval_transform, train_transform
-from models.factory import build_model, check_is_vit, model_new_params
+from models.factory import build_model, check_is_vit, load_backbone_state, model_new_params
 from models.registry import method_cfg, unwrap, within_budget
 from utils import run_files
-from utils.checkpoint import (finite_state, load_backbone_state, load_resume_checkpoint, make_checkpoint, rng_state,
-                              save_atomic, set_rng_state)
+from models.checkpoint import finite_state, load_resume_checkpoint, make_checkpoint, save_atomic
 from utils.curves import TrainingCurves, add_curves_to_report
 from utils.data import class_weights, eval_loader, train_loader
 from utils.distributed import DistInfo, any_process, barrier, cleanup, init_distributed, on_main_process
@@ -32,17 +29,12 @@ from utils.optim import build_optimizer, resolve_lr
 from utils.schedule import lr_schedule, warmup_epochs
 from utils.selection import describe, metric_value, rank
 from utils.errors import Stopped, UserError
+from utils.rng import rng_state, seed_everything, set_rng_state
 from utils.stop_signals import stop_on_signals, writes_finish_first
 
 log = logging.getLogger('train')
 REPO = Path(__file__).resolve().parent.parent
 DEMO_ROOT = REPO / 'data' / 'demo'
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def amp_settings(enabled: bool, device: torch.device):

@@ -12,14 +12,15 @@ import predict
 import train_gpu
 from conftest import TINY_FLAGS, make_image_folder
 from utils import curves
-from utils.curves import TrainingCurves, panels, plot_curves, read_log
+from utils.curves import TrainingCurves, draw_curves, panels, plot_curves, read_log, read_num_classes
+from utils.run_files import write_class_indices
 from utils.tensorboard_log import tag
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 LOG = """epoch,lr,train_loss,val_loss,top1,top5,macro_f1,epoch_seconds,train_images_per_s,train_keep_rate,val_keep_rate,val_compute_ratio,ema_top1
-0,0.001,1.1,1.0,40,100,0.35,2.0,50,0.7,0.7,0.9,
-1,0.0005,0.9,0.8,60,100,0.55,2.1,52,0.5,0.5,0.8,55
-2,1e-06,0.7,0.7,70,100,0.68,2.0,51,0.5,0.5,0.75,66
+0,0.001,1.1,1.0,40,100,35,2.0,50,0.7,0.7,0.9,
+1,0.0005,0.9,0.8,60,100,55,2.1,52,0.5,0.5,0.8,55
+2,1e-06,0.7,0.7,70,100,68,2.0,51,0.5,0.5,0.75,66
 """
 
 
@@ -39,20 +40,52 @@ def test_panels_of_a_hand_written_log(tmp_path):
     values = read_log(tmp_path / 'log.csv')
     assert values['ema_top1'][1:] == [55, 66] and values['ema_top1'][0] != values['ema_top1'][0]  # empty: NaN
     titles = plot_curves(values, tmp_path / 'curves.png')
-    assert titles == ['Loss', 'Accuracy (%)', 'Macro F1', 'Learning rate', 'keep rate', 'compute ratio']
-    lines = dict(panels(values))
-    assert lines['Accuracy (%)'] == [('top1', 'top-1'), ('top5', 'top-5'), ('ema_top1', 'EMA top-1')]
+    assert titles == ['Loss', 'Accuracy (%)', 'Macro F1 (%)', 'Learning rate', 'keep rate', 'compute ratio']
+    lines = dict(panels(values))  # classes unknown: the k of top-k is not guessed
+    assert lines['Accuracy (%)'] == [('top1', 'top-1'), ('top5', 'top-k (k = min(5, classes))'),
+                                     ('ema_top1', 'EMA top-1')]
     assert lines['keep rate'] == [('train_keep_rate', 'train'), ('val_keep_rate', 'val')]
     assert (tmp_path / 'curves.png').read_bytes().startswith(PNG_MAGIC)
     assert Image.open(tmp_path / 'curves.png').size[0] > 600
     assert sorted(p.name for p in tmp_path.iterdir()) == ['curves.png', 'log.csv']  # no temporary file left
 
 
+def axis_texts(fig) -> dict:
+    """{panel title: (y label, [legend texts])} of a curves figure."""
+    return {ax.get_title(): (ax.get_ylabel(), [t.get_text() for t in ax.get_legend().get_texts()]
+                             if ax.get_legend() else []) for ax in fig.axes}
+
+
+@pytest.mark.parametrize('classes, k', [(4, 4), (2, 2), (5, 5), (7, 5)])
+def test_top_k_label_is_the_real_k_and_every_panel_names_its_unit(classes, k, tmp_path, monkeypatch):
+    (tmp_path / 'log.csv').write_text(LOG)
+    write_class_indices(tmp_path / 'class_indices.json', [f'c{i}' for i in range(classes)])
+    drawn = []
+    monkeypatch.setattr(curves, 'plot_curves', lambda values, png, num_classes=None: drawn.append(num_classes))
+    TrainingCurves().update(tmp_path)  # what the trainer calls: the class count comes from the run folder
+    assert drawn == [classes]
+    texts = axis_texts(draw_curves(read_log(tmp_path / 'log.csv'), classes))
+    assert texts['Accuracy (%)'] == ('accuracy (%)', ['top-1', f'top-{k}', 'EMA top-1'])
+    assert texts['Macro F1 (%)'] == ('macro F1 (%)', ['macro F1'])  # log.csv's macro_f1 is in %, as the report's
+    assert texts['Loss'][0] == 'loss' and texts['Learning rate'][0] == 'learning rate'
+    assert texts['keep rate'][0] == texts['compute ratio'][0] == 'ratio (0-1)'
+    assert all(ylabel for ylabel, _ in texts.values())
+
+
+def test_class_count_of_a_run_folder(tmp_path):
+    assert read_num_classes(tmp_path) is None  # no class_indices.json
+    (tmp_path / 'class_indices.json').write_text('{"0": "a", ')
+    assert read_num_classes(tmp_path) is None  # unreadable: the label says top-k, not a wrong k
+    write_class_indices(tmp_path / 'class_indices.json', ['a', 'b', 'c'])
+    assert read_num_classes(tmp_path) == 3
+    assert curves.y_label('tokens out') == 'tokens' and curves.y_label('stage') == 'stage'
+
+
 def test_a_plot_failure_is_one_warning_and_keeps_the_old_png(tmp_path, monkeypatch, caplog):
     (tmp_path / 'log.csv').write_text(LOG)
     (tmp_path / 'curves.png').write_bytes(b'old')
 
-    def failing_save(self, f, **kwargs):
+    def failing_save(self, f, **kwargs):  # savefig gets the open temporary file
         f.write(b'half a png')
         raise OSError('No space left on device\nsecond line')
 
@@ -88,7 +121,9 @@ def test_curves_png_after_training(run):
     assert (run / 'curves.png').read_bytes().startswith(PNG_MAGIC)
     Image.open(run / 'curves.png').verify()
     assert [title for title, _ in panels(read_log(run / 'log.csv'))] == \
-        ['Loss', 'Accuracy (%)', 'Macro F1', 'Learning rate', 'keep rate']
+        ['Loss', 'Accuracy (%)', 'Macro F1 (%)', 'Learning rate', 'keep rate']
+    accuracy = dict(panels(read_log(run / 'log.csv'), read_num_classes(run)))['Accuracy (%)']
+    assert ('top5', 'top-3') in accuracy  # 3 classes: log.csv's top5 column is top-3 accuracy
 
 
 def test_report_shows_the_training_curves(run, data, tmp_path):

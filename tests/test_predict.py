@@ -210,3 +210,49 @@ def test_truncated_images_are_skipped_or_refused(run, tmp_path, capsys, caplog):
     write_token_maps(model, files, meta['data_config'], tmp_path / 'maps')
     assert [p.name for p in (tmp_path / 'maps' / 'token_maps').iterdir()] == ['000_000.png']
     assert 'skipping' in caplog.text and 'cut0.jpg' in caplog.text
+
+
+def _four_classes_with_mistakes(tmp_path, wrong: int):
+    """Probabilities of 16 images of 4 classes, the first ``wrong`` of them predicted as the next class."""
+    from PIL import Image
+    img = tmp_path / 'x.png'
+    Image.new('RGB', (8, 8), (200, 30, 30)).save(img)
+    targets = np.arange(16) % 4
+    probs = np.full((16, 4), 0.1)
+    probs[np.arange(16), np.where(np.arange(16) < wrong, (targets + 1) % 4, targets)] = 0.7
+    return probs, targets, [str(img)] * 16, ['cat', 'dog', 'eel', 'fox']
+
+
+def test_report_page_one_header_row_f1_in_percent_and_a_small_mistakes_grid(tmp_path):
+    import re
+    from PIL import Image
+    probs, targets, paths, names = _four_classes_with_mistakes(tmp_path, 1)
+    context = dict(checkpoint='c', model='m', method='none', method_cfg={}, images_per_s=1.0)
+    summary = write_labelled_report(probs, targets, paths, names, tmp_path / 'r', context)
+    page = (tmp_path / 'r' / 'report.html').read_text()
+    head = re.search(r'<thead>(.*?)</thead>', page, re.S).group(1)
+    assert head.count('<tr') == 1 and re.findall(r'<th>(.*?)</th>', head)[:2] == ['class', 'precision']
+    assert '<th></th>' not in head  # no empty header cell (pandas' row of the index name)
+    from sklearn.metrics import f1_score
+    assert summary['macro_f1'] == pytest.approx(f1_score(targets, probs.argmax(1), average='macro'))  # 0-1 in json
+    assert f"<td>{summary['macro_f1'] * 100:.2f} % / {summary['weighted_f1'] * 100:.2f} %</td>" in page
+    assert 'Scores on a 0-1 scale' in page  # the per-class table says its scale
+    assert summary['misclassified'] == 1
+    width, height = Image.open(tmp_path / 'r' / 'misclassified.png').size
+    assert width <= 400 and height <= 400  # one picture wide, not four columns of blank
+
+
+def test_mistakes_grid_keeps_titles_apart(tmp_path):
+    from utils.report import MISTAKES_SHOWN, draw_mistakes, predictions_table
+    probs, targets, paths, names = _four_classes_with_mistakes(tmp_path, 16)
+    table = predictions_table(probs, targets, paths, names)
+    fig = draw_mistakes(table[table['true'] != table['predicted']])
+    fig.canvas.draw()
+    axes = np.array(fig.axes).reshape(-1, 4)
+    assert axes.shape == (MISTAKES_SHOWN // 4, 4) and tuple(fig.get_size_inches()) == (12, 3.2 * 4)
+    title = fig._suptitle.get_window_extent()
+    assert title.y0 > max(ax.title.get_window_extent().y1 for ax in axes[0])  # above the first row's titles
+    for upper, lower in zip(axes[:-1, 0], axes[1:, 0]):  # each row's titles below the pictures above
+        assert lower.title.get_window_extent().y1 < upper.get_window_extent().y0
+    import matplotlib.pyplot as plt
+    plt.close(fig)

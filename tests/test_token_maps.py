@@ -82,3 +82,21 @@ def test_benchmark_draws_one_token_map_row_per_method(tmp_path):
                            '--output-dir', str(out)]) == 0
     assert len(list((out / 'token_maps').glob('*/token_maps.png'))) == 3
     assert Image.open(out / 'token_maps.png').height > 3 * 100
+
+
+def test_overview_title_of_several_lines_stays_above_the_first_row():
+    """MTViT's settings wrap the title to 2-3 lines; with many rows tight_layout alone put it over the
+    first row's titles."""
+    import numpy as np
+    from models.registry import method_cfg
+    from utils.token_maps import draw_overview
+    model = build_model('vit_tiny_patch16_224', 'mtvit', dict(keep_rate=0.5, prune_blocks=[2]), num_classes=3, **TINY)
+    rows = [[(np.zeros((4, 4, 3)), f'{i:03d}.png'), (np.ones((4, 4, 3)), 'block 3: 8 tokens, 8 patches removed')]
+            for i in range(8)]
+    fig = draw_overview(rows, f'Token maps: mtvit {method_cfg(model)}')
+    fig.canvas.draw()
+    title = fig._suptitle
+    assert title.get_text().count('\n') >= 1  # the case of the issue: a title of two lines or more
+    box = title.get_window_extent()
+    first_row = [ax.title.get_window_extent() for ax in fig.axes[:2]]
+    assert box.y0 > max(b.y1 for b in first_row) and box.y1 <= fig.bbox.y1  # between the row and the top edge

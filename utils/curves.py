@@ -3,14 +3,18 @@
 One panel per group of columns: loss, accuracy, macro F1, learning rate, then one per statistic a method
 logs (every ``train_*`` / ``val_*`` column that is not a standard one, e.g. ``keep_rate``, ``compute_ratio``),
 its train and val values together. Columns absent from the log (EMA, macro F1) give no panel or line.
+Each panel's y axis names its unit: accuracy and macro F1 are in % (as log.csv holds them, and as report.html
+shows them). log.csv's ``top5`` column is top-k accuracy with k = min(5, classes): its line is labelled with the
+real k, read from the run folder's class_indices.json.
 ``TrainingCurves`` is what the trainer calls after each epoch (curves.png, and TensorBoard when asked).
 """
 import csv
+import json
 import logging
 import math
 import shutil
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -21,9 +25,11 @@ from utils.tensorboard_log import ScalarLog, summary_writer_class
 log = logging.getLogger('train')
 
 PANELS = (('Loss', (('train_loss', 'train'), ('val_loss', 'val'))),  # (title, ((column, label), ...))
-          ('Accuracy (%)', (('top1', 'top-1'), ('top5', 'top-5'), ('ema_top1', 'EMA top-1'))),
-          ('Macro F1', (('macro_f1', 'macro F1'), ('ema_macro_f1', 'EMA macro F1'))),
+          ('Accuracy (%)', (('top1', 'top-1'), ('top5', 'top-k'), ('ema_top1', 'EMA top-1'))),
+          ('Macro F1 (%)', (('macro_f1', 'macro F1'), ('ema_macro_f1', 'EMA macro F1'))),
           ('Learning rate', (('lr', ''),)))  # an empty label: no legend
+Y_LABELS = {'Loss': 'loss', 'Accuracy (%)': 'accuracy (%)', 'Macro F1 (%)': 'macro F1 (%)',
+            'Learning rate': 'learning rate'}
 NOT_STATS = {'train_loss', 'val_loss', 'train_images_per_s'}  # train_/val_ columns that are no method statistic
 COLUMNS_PER_ROW = 3
 
@@ -36,9 +42,35 @@ def read_log(path) -> Dict[str, List[float]]:
     return {c: [float(r[c]) if r.get(c) not in (None, '') else math.nan for r in rows] for c in reader.fieldnames or ()}
 
 
-def panels(columns) -> List[tuple]:
-    """[(title, [(column, label)])] of the panels that ``columns`` fill."""
-    found = [(title, [(c, label) for c, label in lines if c in columns]) for title, lines in PANELS]
+def read_num_classes(run_dir) -> Optional[int]:
+    """The number of classes of a run, from its class_indices.json; None when the file is missing or unreadable."""
+    try:
+        classes = json.loads((Path(run_dir) / 'class_indices.json').read_text())
+    except (OSError, ValueError):
+        return None
+    return len(classes) if isinstance(classes, (dict, list)) and classes else None
+
+
+def top_k_label(num_classes: Optional[int]) -> str:
+    """The label of log.csv's ``top5`` column: top-k accuracy with k = min(5, classes), as the evaluation takes it."""
+    return f'top-{min(5, num_classes)}' if num_classes else 'top-k (k = min(5, classes))'
+
+
+def y_label(title: str) -> str:
+    """The y-axis label (with its unit) of a panel; a method statistic's unit is guessed from its name."""
+    if title in Y_LABELS:
+        return Y_LABELS[title]
+    if 'tokens' in title:
+        return 'tokens'
+    if any(word in title for word in ('rate', 'ratio', 'share')):
+        return 'ratio (0-1)'
+    return title
+
+
+def panels(columns, num_classes: Optional[int] = None) -> List[tuple]:
+    """[(title, [(column, label)])] of the panels that ``columns`` fill; ``num_classes`` gives the k of top-k."""
+    found = [(title, [(c, top_k_label(num_classes) if c == 'top5' else label) for c, label in lines if c in columns])
+             for title, lines in PANELS]
     stats = {}
     for c in columns:
         split, _, name = c.partition('_')
@@ -48,16 +80,15 @@ def panels(columns) -> List[tuple]:
     return [(title, lines) for title, lines in found if lines]
 
 
-def plot_curves(values: Dict[str, List[float]], out_png) -> List[str]:
-    """Draw the columns of a log (``read_log``) into ``out_png`` (a temporary file, then renamed); returns the
-    panel titles."""
-    shown = panels(values)
+def draw_curves(values: Dict[str, List[float]], num_classes: Optional[int] = None) -> Figure:
+    """The figure of the columns of a log (``read_log``); ``num_classes`` gives the k of the top-k line."""
+    shown = panels(values, num_classes)
     epochs = values.get('epoch', [])
     cols = min(COLUMNS_PER_ROW, max(len(shown), 1))
     rows = max(1, math.ceil(len(shown) / cols))
     width, height = 4.2 * cols, 3 * rows
     fig = Figure(figsize=(width, height))  # margins in inches, set by hand: a layout engine doubles the time
-    fig.subplots_adjust(left=0.7 / width, right=1 - 0.15 / width, bottom=0.45 / height, top=1 - 0.3 / height,
+    fig.subplots_adjust(left=0.8 / width, right=1 - 0.15 / width, bottom=0.45 / height, top=1 - 0.3 / height,
                         wspace=0.3, hspace=0.45)
     FigureCanvasAgg(fig)
     marker = 'o' if len(epochs) <= 30 else None  # a single epoch still shows as a point
@@ -67,14 +98,22 @@ def plot_curves(values: Dict[str, List[float]], out_png) -> List[str]:
             ax.plot(epochs, values[column], marker=marker, markersize=3, label=label)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel('epoch', fontsize=8)
+        ax.set_ylabel(y_label(title), fontsize=8)
         ax.tick_params(labelsize=8)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         if any(label for _, label in lines):
             ax.legend(fontsize=7)
+    return fig
+
+
+def plot_curves(values: Dict[str, List[float]], out_png, num_classes: Optional[int] = None) -> List[str]:
+    """Draw the columns of a log (``read_log``) into ``out_png`` (a temporary file, then renamed); returns the
+    panel titles."""
+    fig = draw_curves(values, num_classes)
     with replaced_atomically(out_png) as f:
         fig.savefig(f, format='png', dpi=90)
-    return [title for title, _ in shown]
+    return [ax.get_title() for ax in fig.axes]
 
 
 def first_line(err: Exception) -> str:
@@ -101,7 +140,7 @@ class TrainingCurves:
             log.warning(f'curves not updated, log.csv unreadable: {first_line(err)}')
             return
         try:
-            plot_curves(values, run_dir / 'curves.png')
+            plot_curves(values, run_dir / 'curves.png', read_num_classes(run_dir))
         except Exception as err:  # noqa: BLE001 (a plot must not stop a training)
             log.warning(f'curves.png not redrawn: {first_line(err)}')
         if self.tensorboard:

@@ -27,6 +27,7 @@ from sklearn.metrics import (auc, average_precision_score, classification_report
 MAX_CLASSES_DRAWN = 30   # confusion-matrix rows/columns drawn before switching to the most confused classes
 MAX_CURVES = 10          # per-class ROC/PR curves drawn before switching to the worst classes
 MISTAKES_SHOWN = 16
+MISTAKE_COLUMNS = 4
 FORMULA_START = ('=', '+', '-', '@', '\t', '\r', "'")  # "'" too, so that read_name undoes safe_name exactly
 CSV_OPTIONS = dict(errors='surrogateescape')  # non-UTF-8 file names are written as the bytes they are
 
@@ -146,24 +147,43 @@ def plot_curves(probs, targets, names, present, kind: str, path: Path) -> dict:
     return {c: v[2] for c, v in curves.items()}
 
 
+def layout_under_title(fig, title: str, fontsize: float, **tight_layout_kwargs) -> None:
+    """tight_layout for the axes, then ``title`` (its lines as given) above them in room reserved for all its
+    lines: tight_layout alone lets a figure title run into the first row's axes titles in a tall figure."""
+    height = fig.get_size_inches()[1]
+    top_pad = 0.08  # inches above the title
+    room = top_pad + (title.count('\n') + 1) * fontsize * 1.2 / 72 + 0.05  # matplotlib's line spacing is 1.2
+    fig.tight_layout(rect=(0, 0, 1, 1 - room / height), **tight_layout_kwargs)
+    fig.suptitle(title, fontsize=fontsize, y=1 - top_pad / height, va='top')
+
+
 def plot_mistakes(table: pd.DataFrame, path: Path) -> int:
     """A grid of the most confident mistakes; returns how many there were in all."""
-    from datasets.images import load_rgb
     wrong = table[table['true'] != table['predicted']].sort_values('confidence', ascending=False)
+    fig = draw_mistakes(wrong)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return len(wrong)
+
+
+def draw_mistakes(wrong: pd.DataFrame):
+    """The figure of the first MISTAKES_SHOWN rows of ``wrong`` (predictions table rows), as many columns as
+    pictures up to MISTAKE_COLUMNS."""
+    from datasets.images import load_rgb
     shown = wrong.head(MISTAKES_SHOWN)
-    cols = 4
+    cols = min(max(len(shown), 1), MISTAKE_COLUMNS)  # as many columns as pictures, up to MISTAKE_COLUMNS
     rows = max(1, int(np.ceil(len(shown) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows if len(shown) else 1.2), squeeze=False)
     for ax in axes.ravel():
         ax.axis('off')
-    if shown.empty:
-        axes[0, 0].text(0, 0.5, 'No misclassified images.', fontsize=14)
+    if shown.empty:  # a line of text, not a blank page
+        axes[0, 0].text(0.5, 0.5, 'No misclassified images.', fontsize=14, ha='center', va='center')
     for ax, (_, r) in zip(axes.ravel(), shown.iterrows()):
         ax.imshow(load_rgb(r['file']))
         ax.set_title(f"true: {plot_text(r['true'])}\npred: {plot_text(r['predicted'])} ({r['confidence']:.2f})", fontsize=8, color='darkred')
-    fig.suptitle(f'Most confident mistakes ({len(shown)} of {len(wrong)})', fontsize=11)
-    _save(fig, path)
-    return len(wrong)
+    # h_pad: room for each picture's two-line title (tight_layout's own estimate lets it touch the row above)
+    layout_under_title(fig, f'Most confident mistakes ({len(shown)} of {len(wrong)})', 11, h_pad=2.5)
+    return fig
 
 
 def write_predictions(table: pd.DataFrame, path: Path) -> None:
@@ -242,13 +262,24 @@ def _img(path: Path) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{path.name}">'
 
 
+SCALE_NOTE = ('Scores on a 0-1 scale, as scikit-learn gives them (0.8500 = 85.00 %); the summary above, log.csv '
+              'and the training curves give accuracy and F1 in %.')
+
+
+def per_class_html(per_class: pd.DataFrame) -> str:
+    """The per-class table as HTML: one header row, its first cell naming the column of class names (pandas
+    writes an index name as a second, otherwise empty, header row)."""
+    table = per_class.rename_axis(index=None, columns=per_class.index.name or 'class')
+    return table.to_html(float_format=lambda v: f'{v:.4f}', na_rep='-')
+
+
 def write_html(out: Path, summary: dict, per_class: pd.DataFrame) -> None:
     """report.html: one self-contained page (plots embedded) with the summary, tables and plots."""
     facts = [('checkpoint', summary['checkpoint']), ('model', summary['model']),
              ('method', f"{summary['method']} {summary['method_cfg'] or ''}"),
              ('images', summary['images']), ('accuracy', f"{summary['accuracy'] * 100:.2f} %"),
              (f"top-{summary['top_k']} accuracy", f"{summary['top_k_accuracy'] * 100:.2f} %"),
-             ('macro / weighted F1', f"{summary['macro_f1']:.4f} / {summary['weighted_f1']:.4f}"),
+             ('macro / weighted F1', f"{summary['macro_f1'] * 100:.2f} % / {summary['weighted_f1'] * 100:.2f} %"),
              ('macro ROC AUC', 'n/a' if summary['macro_auc'] is None else f"{summary['macro_auc']:.4f}"),
              ('images / s', f"{summary['images_per_s']:.1f}"), ('misclassified', summary['misclassified']),
              ('skipped files', summary['skipped_files'])]
@@ -268,7 +299,7 @@ body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}} img{{
 table{{border-collapse:collapse;font-size:14px}} td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
 th{{background:#f3f3f3;text-align:left}}</style></head><body>
 <h1>Evaluation report</h1><table>{rows}</table>
-<h2>Per class</h2>{per_class.to_html(float_format=lambda v: f'{v:.4f}', na_rep='-')}
+<h2>Per class</h2><p>{SCALE_NOTE}</p>{per_class_html(per_class)}
 {f'<h2>Skipped files</h2><ul>{skipped}</ul>' if skipped else ''}{figures}
 <p>Files: predictions.csv, per_class_report.csv, confusion_matrix*.csv, summary.json in this folder.</p>
 </body></html>"""

@@ -9,7 +9,7 @@ the regions that got fine / medium / coarse queries. A dense model gets a note t
 """
 import textwrap
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import matplotlib
 
@@ -18,13 +18,17 @@ matplotlib.rcParams['text.parse_math'] = False  # file names with '$' are text, 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from datasets.images import try_load_rgb  # noqa: E402
 from datasets.transforms import eval_transform  # noqa: E402
 from models.registry import method_cfg, method_name, record_tokens, unwrap  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.report import plot_text  # noqa: E402
+from utils.report import layout_under_title, plot_text  # noqa: E402
 
+PANEL_INCHES = 2.6  # the side of one picture of token_maps.png
+TITLE_SIZE = 9  # points
 GRAIN_COLOURS = np.array([[0.1, 0.8, 0.2], [1.0, 0.85, 0.1], [0.9, 0.15, 0.1]])  # fine, medium, coarse
 SEED_COLOUR = np.array([0.0, 0.9, 1.0])
 
@@ -100,8 +104,7 @@ def write_token_maps(model, files: Sequence[str], data_config: dict, out_dir, n:
     patch = unwrap(model).patch_embed.patch_size
     grid = (batch.shape[-2] // patch[0], batch.shape[-1] // patch[1])
     splits = method_cfg(model).get('splits', ()) if records and 'grain' in records[0] else ()
-    columns = 1 + max(len(records), 1)
-    fig, axes = plt.subplots(len(files), columns, figsize=(2.6 * columns, 2.6 * len(files)), squeeze=False)
+    rows = []
     for row, path in enumerate(files):
         panels = [(shown[row], plot_text(Path(path).name[:28]))]
         for entry in records:
@@ -112,11 +115,8 @@ def write_token_maps(model, files: Sequence[str], data_config: dict, out_dir, n:
             panels.append((picture, describe(view, grid[0] * grid[1])))
         if not records:
             panels.append((np.ones_like(shown[row]), f'{method_name(model)}: no token is reduced'))
-        for ax, (picture, title) in zip(axes[row], panels):
-            ax.imshow(picture)
-            ax.set_title(title, fontsize=7)
-            ax.axis('off')
-        single, single_axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8), squeeze=False)
+        rows.append(panels)
+        single, single_axes = plt.subplots(1, len(panels), figsize=(PANEL_INCHES * len(panels), 2.8), squeeze=False)
         for ax, (picture, title) in zip(single_axes[0], panels):
             ax.imshow(picture)
             ax.set_title(title, fontsize=7)
@@ -128,8 +128,24 @@ def write_token_maps(model, files: Sequence[str], data_config: dict, out_dir, n:
     if records and 'seed' in records[0]:
         legend = ' (cyan dot: seed token; kept without a dot: expanded; dimmed: merged away)'
     title = f'Token maps: {method_name(model)} {method_cfg(model) if records else ""}{legend}'
-    fig.suptitle(textwrap.fill(title, width=int(12 * 2.6 * columns)), fontsize=9)  # ~12 characters per inch
-    fig.tight_layout()
-    fig.savefig(out_dir / 'token_maps.png', dpi=100)
-    plt.close(fig)
+    draw_overview(rows, title).savefig(out_dir / 'token_maps.png', dpi=100)
     return out_dir / 'token_maps.png'
+
+
+def draw_overview(rows: List[List[Tuple[np.ndarray, str]]], title: str) -> Figure:
+    """token_maps.png's figure: a row of (picture, title) panels per image under ``title``, wrapped to the
+    figure's width, in room kept for all its lines (MTViT's settings take two or three) above the first row's
+    titles, whatever the number of rows."""
+    columns = max(len(panels) for panels in rows)
+    width, height = PANEL_INCHES * columns, PANEL_INCHES * len(rows)
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(rows), columns, squeeze=False)
+    for ax_row, panels in zip(axes, rows):
+        for ax in ax_row:
+            ax.axis('off')
+        for ax, (picture, panel_title) in zip(ax_row, panels):
+            ax.imshow(picture)
+            ax.set_title(panel_title, fontsize=7)
+    layout_under_title(fig, textwrap.fill(title, width=int(12 * width)), TITLE_SIZE)  # ~12 characters per inch
+    return fig

@@ -18,6 +18,7 @@ from datasets.images import try_load_rgb
 from models.registry import available_methods
 from utils.benchmark import (BenchConfig, ModelSource, input_images, markdown_table, parse_sweep, run_rows,
                              stack_token_maps, write_outputs)
+from utils.cli_args import device_flag, model_flags, weights_flag
 from utils.config import parse_key_values
 from utils.distributed import pick_device
 from utils.errors import UserError, run_cli
@@ -26,16 +27,15 @@ from utils.profiling import machine_description
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser('benchmark.py', description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--model', default='deit_small_patch16_224', help='timm ViT name (random weights)')
-    p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE', help='extra timm arguments')
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                parents=[model_flags('deit_small_patch16_224'), weights_flag(required=False),
+                                         device_flag()])
     p.add_argument('--img-size', type=int, default=224)
     p.add_argument('--methods', nargs='*', default=None,
                    help='methods with their default settings (default: every available one)')
     p.add_argument('--sweep', nargs='*', default=[], metavar='METHOD.KEY=V1,V2',
                    help='one row per value, e.g. tome.r=4,8,13,16 gtp.num_prop=4,8,12')
     p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     p.add_argument('--amp', action=argparse.BooleanOptionalAction, default=True, help='bf16/fp16 on CUDA')
     p.add_argument('--runs', type=int, default=10, help='timed runs per row (the median is reported)')
     p.add_argument('--warmup', type=int, default=3)
@@ -44,7 +44,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--train', action='store_true', help='measure training (forward + backward) instead')
     p.add_argument('--runtime', nargs='+', choices=('torch', 'onnxruntime'), default=['torch'],
                    help='onnxruntime: also time each row exported to ONNX (CPU; needs requirements-export.txt)')
-    p.add_argument('--weights', help="a toolkit checkpoint: rows use its weights (and model)")
     p.add_argument('--data-root', help='labelled folder: adds top-1 and macro F1 per row (needs --weights)')
     p.add_argument('--token-maps', metavar='IMAGE', help='also draw each row\'s token map of this image')
     p.add_argument('--output-dir', default=None, help='default: runs/benchmark-<time>')

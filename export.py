@@ -10,7 +10,8 @@ After writing, it is run on the check images beside the PyTorch model and their 
 import argparse
 import sys
 
-from models.registry import METHODS, add_method_args, method_override
+from models.registry import method_override
+from utils.cli_args import method_flags, weights_flag
 from utils.config import given_flags
 from utils.errors import run_cli
 from utils.export import FORMATS, OPSET
@@ -18,8 +19,8 @@ from utils.export import FORMATS, OPSET
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser('export.py', description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--weights', required=True, help='a best.pth / last.pth written by train_gpu.py')
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                parents=[weights_flag(), method_flags(override=True)])
     p.add_argument('--format', choices=FORMATS, default='onnx', help=f'onnx (opset {OPSET}) or torchscript')
     p.add_argument('--output', help='default: the weights file with .onnx / .pt')
     shape = p.add_mutually_exclusive_group()
@@ -28,8 +29,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--img-size', type=int, help="input size (default: the checkpoint's)")
     p.add_argument('--check-images', nargs='*', default=[], help='image files or folders to check the file on '
                                                                  '(default: 8 random normalised inputs)')
-    p.add_argument('--method', choices=METHODS, help="override the checkpoint's method (e.g. tome on a dense model)")
-    add_method_args(p)
     return p
 
 

@@ -12,27 +12,25 @@ import time
 from pathlib import Path
 
 
-from models.registry import METHODS, add_method_args, method_override
+from models.registry import method_override
+from utils.cli_args import device_flag, method_flags, weights_flag
 from utils.config import given_flags
 from utils.errors import UserError, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser('predict.py', description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--weights', required=True, help='a best.pth / last.pth written by train_gpu.py')
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                parents=[weights_flag(), device_flag(), method_flags(override=True)])
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument('--data-root', help='labelled folder (class sub-folders, or a root with val/)')
     source.add_argument('--images', nargs='+', help='image files or folders to classify')
     p.add_argument('--output-dir', help='default: predict-<name>-<time> next to the weights')
     p.add_argument('--topk', type=int, default=5, help='classes listed per image with --images')
-    p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--token-maps', action='store_true', help='draw what the method did to the tokens')
     p.add_argument('--n-visualization', type=int, default=16, help='images in the token maps')
-    p.add_argument('--method', choices=METHODS, help="override the checkpoint's method (e.g. tome on a dense model)")
-    add_method_args(p)
     return p
 
 

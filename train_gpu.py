@@ -14,7 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from models.registry import METHODS, add_method_args, method_cfg_from_args
+from models.registry import method_cfg_from_args
+from utils.cli_args import device_flag, method_flags, model_flags
 from utils.config import check_config, load_yaml, parse_key_values, parse_layered
 from utils.errors import run_cli
 from utils.schedule import SCHEDULES
@@ -32,7 +33,9 @@ RECIPES = dict(light={}, deit=dict(aa='rand-m9-mstd0.5-inc1', reprob=0.25, scale
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser('train_gpu.py', description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                parents=[model_flags('deit_tiny_patch16_224'), method_flags(override=False),
+                                         device_flag()])
     p.add_argument('--config', help='YAML file of flag: value pairs (command-line flags win)')
     g = p.add_argument_group('data')
     g.add_argument('--data-root', help='folder with one sub-folder of images per class, or with train/ and '
@@ -48,9 +51,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--class-balance', choices=('none', 'weights', 'sampler'), default='none',
                    help='for skewed class counts: weight the loss, or sample classes equally')
     g = p.add_argument_group('model')
-    g.add_argument('--model', default='deit_tiny_patch16_224', help='any timm ViT name')
-    g.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
-                   help='extra timm.create_model arguments, e.g. depth=6 embed_dim=192')
     g.add_argument('--pretrained', nargs='?', const=True, metavar='WEIGHTS',
                    help="start from pretrained weights: alone, the --model's default timm weights; or a timm tag "
                         "(fb_in1k, deit_small_patch16_224.fb_in1k) or hf-hub:ORG/NAME (fetched once into the Hugging "
@@ -58,7 +58,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "checkpoint")
     g.add_argument('--img-size', type=int, help="input size (default: the model's own)")
     g.add_argument('--drop-path', type=float, default=0.0, help='stochastic depth rate (DeiT: 0.1)')
-    g.add_argument('--method', choices=METHODS, default='none', help='token-reduction method')
     g = p.add_argument_group('optimisation')
     g.add_argument('--batch-size', type=int, default=64, help='per process')
     g.add_argument('--epochs', type=int, default=30)
@@ -117,7 +116,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=False)
     g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile the model')
     g = p.add_argument_group('run')
-    g.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     g.add_argument('--seed', type=int, default=0)
     g.add_argument('--log-interval', type=int, default=50,
                    help='steps between host syncs: the NaN check and the progress bar loss (as timm)')
@@ -129,7 +127,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="also log log.csv's scalars to TensorBoard, in DIR (default: the run folder's tb/); "
                         "needs pip install -r requirements-tensorboard.txt")
     g.add_argument('--local-rank', '--local_rank', type=int, default=None, help=argparse.SUPPRESS)
-    add_method_args(p)
     return p
 
 

@@ -48,3 +48,21 @@ def test_a_model_that_is_not_a_vit_is_one_line_on_every_path(model, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith('error: ') and model in line for line in err), err
     assert not run.exists() and not (tmp_path / 'b').exists()
+
+
+def test_the_shared_flags_come_from_one_parent_parser():
+    import export
+    import predict
+    from utils import cli_args
+    parents = {'--device': cli_args.device_flag(), '--model-kwargs': cli_args.model_flags('x'),
+               '--weights': cli_args.weights_flag(), '--tome-r': cli_args.method_flags(override=True)}
+    tools = {'train_gpu': train_gpu, 'predict': predict, 'export': export, 'benchmark': benchmark}
+    for flag, parent in parents.items():
+        shared = next(a for a in parent._actions if flag in a.option_strings)
+        users = [name for name, tool in tools.items()
+                 if any(flag in a.option_strings for a in tool.get_args_parser()._actions)]
+        assert len(users) >= 2, (flag, users)
+        for name in users:
+            action = next(a for a in tools[name].get_args_parser()._actions if flag in a.option_strings)
+            assert (action.nargs, action.type, action.metavar) == (shared.nargs, shared.type, shared.metavar), name
+            assert action.help.startswith(shared.help.split(':')[0]), (name, action.help)

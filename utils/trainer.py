@@ -62,9 +62,9 @@ def check_resume_fits(ckpt: dict, args, classes) -> None:
                         f"resume with the same settings and data, or start a new run with --pretrained")
 
 
-def log_epoch(epoch: int, train_stats: dict, val_stats: dict, ema_stats: Optional[dict]) -> None:
+def log_epoch(epoch: int, train_stats: dict, val_stats: dict, ema_stats: Optional[dict], num_classes: int) -> None:
     line = (f"epoch {epoch}: train loss {train_stats['train_loss']:.4f}, val loss {val_stats['val_loss']:.4f}, "
-            f"top-1 {val_stats['top1']:.2f}%, top-5 {val_stats['top5']:.2f}%, "
+            f"top-1 {val_stats['top1']:.2f}%, top-{min(5, num_classes)} {val_stats['top5']:.2f}%, "
             f"{train_stats['train_images_per_s']:.1f} img/s, {train_stats['train_seconds']:.1f}s")
     if ema_stats:
         line += f", EMA top-1 {ema_stats['top1']:.2f}%"
@@ -215,7 +215,7 @@ def write_run_files(run_dir: Path, args, meta: dict, split: Split, info: DistInf
     log.info(f"data: {len(split.train)} train / {len(split.val)} val images, {len(split.classes)} classes, "
              f"{len(split.skipped)} files skipped; model {args.model} + {args.method} "
              f"{meta['method_cfg'] or '(dense)'} on {info.device}, world size {info.world_size}; run folder {run_dir}")
-    log.info(f'learning rate {lr}, warm-up {warmup:g} epochs')
+    log.info(f'{args.epochs} epochs, learning rate {lr}, warm-up {warmup:g} epochs')
 
 
 def make_loaders(args, split: Split, cfg: dict, info: DistInfo):
@@ -351,7 +351,7 @@ def end_epoch(run_dir: Path, epoch: int, seconds: float, train_stats: dict, val_
         save_atomic(make_checkpoint(meta, unwrap(model).state_dict(), **state), run_dir / 'last.pth')
         run_files.append_log_row(run_dir / 'log.csv', log_row(epoch, seconds, train_stats, val_stats, ema_stats))
     progress.last_epoch, progress.last_path = epoch, run_dir / 'last.pth'
-    log_epoch(epoch, train_stats, val_stats, ema_stats)
+    log_epoch(epoch, train_stats, val_stats, ema_stats, meta['num_classes'])
 
 
 def log_row(epoch: int, seconds: float, train_stats: dict, val_stats: dict, ema_stats: Optional[dict]) -> dict:

@@ -123,9 +123,11 @@ def make_checkpoint(meta: dict, model_state: dict, **training_state) -> dict:
 
 
 def finite_state(state: dict) -> bool:
-    """Whether every floating-point tensor of a state dict is finite (one host sync)."""
-    checks = [torch.isfinite(t).all() for t in state.values() if torch.is_tensor(t) and t.is_floating_point()]
-    return bool(torch.stack(checks).all()) if checks else True
+    """Whether every floating-point tensor of a state dict is finite, with one host sync: a NaN or inf makes its
+    tensor's sum NaN or inf, and summed in float64 no finite weights can overflow (no full-size temporary, unlike
+    ``isfinite``: about 30 ms for deit_small on 2 CPU cores)."""
+    sums = [t.sum(dtype=torch.float64) for t in state.values() if torch.is_tensor(t) and t.is_floating_point()]
+    return bool(torch.isfinite(torch.stack(sums).sum())) if sums else True
 
 
 def load_toolkit_checkpoint(path) -> dict:

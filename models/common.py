@@ -5,7 +5,8 @@ and of its blocks for subclasses (``swap_class``): parameters, state-dict keys a
 (``forward_head``, ``reset_classifier``, ``set_grad_checkpointing``, ``pretrained_cfg``) stay as they are.
 The subclass blocks call timm's own sub-modules (``norm1``, ``attn``, ``ls1``, ``drop_path1``, ...), so
 LayerScale, q/k norm, qkv bias and drop-path are kept; attention goes through ``attend``, which is timm's
-``Attention.forward`` with an additive float bias (e.g. log token size) and the keys returned.
+``Attention.forward`` with an additive float bias (e.g. log token size), queries that may differ from the keys'
+tokens (e.g. pooled queries against all tokens), and the keys returned.
 """
 from typing import Callable, Optional, Tuple
 
@@ -34,18 +35,26 @@ def check_attention(attn: nn.Module) -> None:
 
 
 def attend(attn: Attention, x: torch.Tensor, bias: Optional[torch.Tensor] = None, explicit: bool = False,
-           reweight: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
-    """timm ``Attention.forward`` with an additive float ``bias`` on the logits.
+           reweight: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+           context: Optional[torch.Tensor] = None, layout: Optional[tuple] = None):
+    """timm ``Attention.forward`` with an additive float ``bias`` on the logits, and queries apart from keys.
 
-    x: [B, N, C]; bias: broadcastable to [B, heads, N, N] (e.g. [B, 1, 1, N] for log sizes) or None.
-    Returns (output [B, N, C], q and k [B, heads, N, head_dim] after q/k norm, probabilities or None).
-    Uses fused ``scaled_dot_product_attention`` whenever timm's module does, unless ``explicit``: then the
-    attention probabilities [B, heads, N, N] are computed once and, after attention dropout and ``reweight``,
-    used and returned.
+    x: [B, N, C] tokens, each a query and, without ``context``, a key and value. With ``context`` [B, T, C] the
+    keys and values come from ``context`` and x holds only queries: [B, N, C], or, with ``layout = (image, slot,
+    N)``, the queries of the whole batch packed as [Q, C], query i in attention slot ``slot[i]`` of image
+    ``image[i]`` (the projections, gate and output run on the Q rows; only attention pads each image to N).
+    bias: broadcastable to [B, heads, N, T] (e.g. [B, 1, 1, T] for log sizes) or None.
+    Returns (output shaped as x, q [B, heads, N, head_dim] and k [B, heads, T, head_dim] after q/k norm,
+    probabilities or None). Uses fused ``scaled_dot_product_attention`` whenever timm's module does, unless
+    ``explicit``: then the attention probabilities [B, heads, N, T] are computed once and, after attention
+    dropout and ``reweight``, used and returned.
     """
-    B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
-    q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    if context is None:
+        B, N, _ = x.shape
+        q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q, k, v = _project_apart(attn, x, context, layout)
     q, k = attn.q_norm(q), attn.k_norm(k)
     if bias is not None:
         bias = bias.to(q.dtype)
@@ -59,10 +68,28 @@ def attend(attn: Attention, x: torch.Tensor, bias: Optional[torch.Tensor] = None
         if reweight is not None:
             probs = reweight(probs)
         out = probs @ v
-    out = attn.norm(out.transpose(1, 2).reshape(B, N, attn.attn_dim))
+    out = out.transpose(1, 2).reshape(q.shape[0], q.shape[2], attn.attn_dim)
+    if layout is not None:
+        out = out[layout[0], layout[1]]
+    out = attn.norm(out)
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out)), q, k, probs
+
+
+def _project_apart(attn: Attention, x: torch.Tensor, context: torch.Tensor, layout: Optional[tuple]):
+    """q from the queries x, k and v from ``context`` [B, T, C], with the rows of timm's ``qkv`` weights; packed
+    queries (``layout``) are spread to their attention slots, zero elsewhere."""
+    (B, T, _), c = context.shape, attn.attn_dim
+    w, b = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(x, w[:c], None if b is None else b[:c])
+    kv = F.linear(context, w[c:], None if b is None else b[c:])
+    if layout is not None:
+        image, slot, n = layout
+        q = q.new_zeros(B, n, c).index_put_((image, slot), q)
+    q = q.reshape(B, q.shape[1], attn.num_heads, attn.head_dim).transpose(1, 2)
+    k, v = kv.reshape(B, T, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
 
 
 def mlp_residual(block: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .provenance import record
-from .common import check_attention, embed, head, maybe_checkpoint, swap_class
+from .common import attend, check_attention, embed, head, maybe_checkpoint, swap_class
 
 BUDGET_TOLERANCE = 0.02  # an epoch whose validation complexity ratio is at most budget + this keeps the budget
 
@@ -85,33 +85,16 @@ def pool(x: torch.Tensor, cell: torch.Tensor, size: torch.Tensor) -> torch.Tenso
     return summed / size[None, :, None].to(x.dtype)
 
 
-def sparse_query_block(block: nn.Module, queries: torch.Tensor, normed_tokens: torch.Tensor,
+def sparse_query_block(block: nn.Module, queries: torch.Tensor, normed_tokens: Optional[torch.Tensor] = None,
                        layout: Optional[tuple] = None) -> torch.Tensor:
-    """The timm block run for ``queries`` attending to all tokens (given after ``norm1``, [B, T, C]); returns the
-    update (output - queries).
+    """The timm block run for ``queries`` attending to all tokens (given after ``norm1``, [B, T, C]; None: the
+    queries are the tokens); returns the update (output - queries).
 
     ``queries`` is [B, M, C], or, with ``layout = (image, slot, M)``, the queries of the whole batch packed as
-    [Q, C]: query i belongs to image ``image[i]``, where it takes attention slot ``slot[i]`` of M. Projections and
-    the MLP then run on exactly the Q queries; only attention pads each image's queries to M.
+    [Q, C] (see ``common.attend``): projections and the MLP then run on exactly the Q queries.
     """
-    attn = block.attn
-    c = attn.attn_dim
-    w, b = attn.qkv.weight, attn.qkv.bias
-    q = F.linear(block.norm1(queries), w[:c], None if b is None else b[:c])
-    kv = F.linear(normed_tokens, w[c:], None if b is None else b[c:])
-    bsz, t = normed_tokens.shape[0], normed_tokens.shape[1]
-    if layout is not None:
-        image, slot, m = layout
-        q = q.new_zeros(bsz, m, c).index_put_((image, slot), q)
-    m = q.shape[1]
-    q = attn.q_norm(q.view(bsz, m, attn.num_heads, attn.head_dim).transpose(1, 2))
-    k, v = kv.view(bsz, t, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    k = attn.k_norm(k)
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.)
-    out = out.transpose(1, 2).reshape(bsz, m, c)
-    if layout is not None:
-        out = out[image, slot]
-    update = block.drop_path1(block.ls1(attn.proj_drop(attn.proj(attn.norm(out)))))
+    out, _, _, _ = attend(block.attn, block.norm1(queries), context=normed_tokens, layout=layout)
+    update = block.drop_path1(block.ls1(out))
     return update + block.drop_path2(block.ls2(block.mlp(block.norm2(queries + update))))
 
 
@@ -167,7 +150,7 @@ class DGEBlock:
         bsz, image = x.shape[0], x[:, prefix:]
         splits = gates.amax(dim=(0, 1)).nonzero()[:, 0].tolist()        # the splits some region uses
         if len(splits) == 1 and len(geo.cell_size[splits[0]]) == image.shape[1]:  # one query per token
-            return x + sparse_query_block(self, x, normed)
+            return x + sparse_query_block(self, x)
         queries = [x[:, :prefix].reshape(-1, x.shape[-1])]              # the prefix tokens, image by image
         owners = [torch.arange(bsz, device=x.device).repeat_interleave(prefix)]
         slots = [torch.arange(prefix, device=x.device).repeat(bsz)]
@@ -337,8 +320,6 @@ def apply(model: nn.Module, budget: float = 0.5, region: int = 4, splits: Sequen
     ref = model.pos_embed if model.pos_embed is not None else model.cls_token
     for blk in model.blocks:
         check_attention(blk.attn)
-        if blk.attn.gate is not None:
-            raise ValueError('dge: gated attention is not supported')
         swap_class(blk, DGEBlock)
         blk.router = nn.Linear(model.embed_dim, len(splits)).to(device=ref.device, dtype=ref.dtype)
         init_router(blk.router, splits, init_finest_prob)

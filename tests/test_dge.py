@@ -7,8 +7,11 @@ import pytest
 import torch
 
 from conftest import TINY
+from timm.layers import Attention
+
 from models import build_model
-from models.dge import routing_macs
+from models.common import embed
+from models.dge import pool, routing_macs, sparse_query_block
 from utils.profiling import count_macs
 
 
@@ -47,6 +50,50 @@ def test_packed_and_masked_paths_agree_on_a_random_routing(img_size, splits, kw)
         model.configure(path='packed')
         packed = model(x)
     assert (masked - packed).abs().max() <= 1e-5
+
+
+class GatedAttention(Attention):
+    """timm's Attention with its sigmoid output gate on (timm's ViT has no flag for it)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, gated=True, **kwargs)
+
+
+@pytest.mark.parametrize('fused', [True, False], ids=['fused', 'explicit'])
+def test_gated_attention_reaches_the_sparse_queries(fused):
+    """timm's gate, q/k norm and scale norm act on DGE's queries: dense at the finest grain, and at a coarse grain a
+    block's pooled queries get what timm's own Attention.forward gives them over [queries, tokens] with the
+    queries masked out as keys."""
+    kw = dict(attn_layer=GatedAttention, qk_norm=True, scale_attn_norm=True)
+    dense = tiny(64, 'none', **kw).eval()
+    model = tiny(64, **kw).eval()
+    model.load_state_dict(dense.state_dict(), strict=False)
+    for module in (dense, model):
+        for blk in module.blocks:
+            blk.attn.fused_attn = fused
+    images = torch.randn(2, 3, 64, 64)
+    model.configure(force_split='finest')
+    with torch.no_grad():
+        for path in ('masked', 'packed'):
+            model.configure(path=path)
+            assert (model(images) - dense(images)).abs().max() <= 1e-5
+
+    blk, geo = model.blocks[1], model.geometry(8, 8, 'cpu')
+    with torch.no_grad():
+        x = embed(model, images)                                    # [2, 1 + 64, C]
+        coarse = model.dge_cfg['splits'].index(2)                   # 2 x 2 queries per 4 x 4 region
+        queries = torch.cat([x[:, :1], pool(x[:, 1:], geo.cell_of_token[coarse], geo.cell_size[coarse])], dim=1)
+        m = queries.shape[1]                                        # 1 + 16
+        mask = torch.zeros(1, 1, 1, m + x.shape[1])
+        mask[..., :m] = float('-inf')                               # keys and values: the tokens only
+        out = blk.attn(torch.cat([blk.norm1(queries), blk.norm1(x)], dim=1), attn_mask=mask)[:, :m]
+        update = blk.ls1(out)
+        expected = update + blk.ls2(blk.mlp(blk.norm2(queries + update)))
+        assert torch.allclose(sparse_query_block(blk, queries, blk.norm1(x)), expected, atol=1e-5)
+        # packed: image 0 with all its queries, image 1 with its first 5, in one [Q, C] tensor
+        image, slot = torch.tensor([0] * m + [1] * 5), torch.cat([torch.arange(m), torch.arange(5)])
+        packed = sparse_query_block(blk, queries[image, slot], blk.norm1(x), (image, slot, m))
+        assert torch.allclose(packed, expected[image, slot], atol=1e-5)
 
 
 def test_packed_path_refuses_to_train():

@@ -16,6 +16,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from timm.layers import Attention
 
+from utils.errors import MethodConfigError
+
 
 def swap_class(module: nn.Module, mixin: type) -> nn.Module:
     """Give ``module`` the behaviour of ``mixin`` on top of its own class (in place, keys unchanged)."""
@@ -29,7 +31,7 @@ def swap_class(module: nn.Module, mixin: type) -> nn.Module:
 def check_attention(attn: nn.Module) -> None:
     """Token methods need timm's plain ``Attention``; say so clearly for other attention layers."""
     if not isinstance(attn, Attention):
-        raise ValueError(
+        raise MethodConfigError(
             f'token-reduction methods need timm VisionTransformer blocks with timm.layers.Attention, '
             f'got {type(attn).__name__}; pick a plain ViT/DeiT model (e.g. deit_small_patch16_224)')
 

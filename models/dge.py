@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.errors import MethodConfigError
 from .provenance import record
 from .common import attend, check_attention, embed, head, maybe_checkpoint, swap_class
 
@@ -194,20 +195,20 @@ class DGEVisionTransformer:
         controls = {'force_split', 'routing', 'path'}
         unknown = sorted(set(changes) - set(self.dge_cfg) - controls)
         if unknown:
-            raise ValueError(f"unknown dge setting(s) {', '.join(unknown)}; dge takes "
+            raise MethodConfigError(f"unknown dge setting(s) {', '.join(unknown)}; dge takes "
                              f"{', '.join(list(self.dge_cfg) + sorted(controls))}")
         fixed = [k for k in ('region', 'splits', 'init_finest_prob') if k in changes and changes[k] != self.dge_cfg[k]]
         if fixed:
-            raise ValueError(f'dge: {fixed} are fixed when the model is built; build it again to change them')
+            raise MethodConfigError(f'dge: {fixed} are fixed when the model is built; build it again to change them')
         splits = self.dge_cfg['splits']
         force = changes.get('force_split', self.dge_force)
         if force not in (None, 'finest', 'coarsest') and force not in splits:
-            raise ValueError(f"dge: force_split must be None, 'finest', 'coarsest' or one of {splits}, got {force}")
+            raise MethodConfigError(f"dge: force_split must be None, 'finest', 'coarsest' or one of {splits}, got {force}")
         if changes.get('path', self.dge_path) not in PATHS:
-            raise ValueError(f'dge: path must be one of {PATHS}')
+            raise MethodConfigError(f'dge: path must be one of {PATHS}')
         cfg = {**self.dge_cfg, **{k: v for k, v in changes.items() if k not in controls}}
         if not 0 < cfg['budget'] <= 1 or cfg['loss_weight'] < 0:
-            raise ValueError(f"dge: budget must be in (0, 1] and loss_weight >= 0, got {cfg['budget']}, {cfg['loss_weight']}")
+            raise MethodConfigError(f"dge: budget must be in (0, 1] and loss_weight >= 0, got {cfg['budget']}, {cfg['loss_weight']}")
         self.dge_cfg, self.dge_force = cfg, force
         self.dge_routing = changes.get('routing', self.dge_routing)
         self.dge_path = changes.get('path', self.dge_path)
@@ -234,7 +235,7 @@ class DGEVisionTransformer:
         geo = self.geometry(images.shape[-2] // p[0], images.shape[-1] // p[1], x.device)
         path = self.dge_path if self.dge_path != 'auto' else ('masked' if self.training else 'packed')
         if path == 'packed' and self.training and torch.is_grad_enabled():
-            raise ValueError("dge: the packed path is for inference (it gives the routers no gradient and would drop "
+            raise MethodConfigError("dge: the packed path is for inference (it gives the routers no gradient and would drop "
                              "paths per query); train with path 'auto' or 'masked'")
         prefix, used = self.num_prefix_tokens, []
         self.token_record = []
@@ -314,9 +315,9 @@ def apply(model: nn.Module, budget: float = 0.5, region: int = 4, splits: Sequen
     """Turn a timm ViT into DGE in place; the routers are new parameters (``blocks.N.router``)."""
     splits = tuple(int(s) for s in splits)
     if not splits or any(s < 1 or region % s for s in splits) or len(set(splits)) != len(splits):
-        raise ValueError(f'dge: every split must divide the region size {region} and appear once, got {splits}')
+        raise MethodConfigError(f'dge: every split must divide the region size {region} and appear once, got {splits}')
     if not 0 < init_finest_prob < 1:
-        raise ValueError('dge: init_finest_prob must be in (0, 1)')
+        raise MethodConfigError('dge: init_finest_prob must be in (0, 1)')
     ref = model.pos_embed if model.pos_embed is not None else model.cls_token
     for blk in model.blocks:
         check_attention(blk.attn)

@@ -11,7 +11,7 @@ weights of another depth half-way without a word.
 """
 import os
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Union
 
 from huggingface_hub import constants
 from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,

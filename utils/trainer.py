@@ -17,10 +17,10 @@ from torch import nn
 from datasets.demo import make_demo_dataset
 from datasets.folder import Split, make_split
 from datasets.transforms import Augmentation, data_config, eval_transform, train_transform
+from models.checkpoint import finite_state, load_resume_checkpoint, make_checkpoint, save_atomic
 from models.factory import build_model, check_is_vit, load_backbone_state, model_new_params
 from models.registry import method_cfg, unwrap, within_budget
 from utils import run_files
-from models.checkpoint import finite_state, load_resume_checkpoint, make_checkpoint, save_atomic
 from utils.curves import TrainingCurves, add_curves_to_report
 from utils.data import class_weights, eval_loader, train_loader
 from utils.distributed import DistInfo, any_process, barrier, cleanup, init_distributed, on_main_process

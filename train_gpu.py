@@ -23,7 +23,7 @@ from utils.selection import EVAL_METRICS
 
 # Without --data-root the built-in demo runs; these settings (under any flag you give) let a ViT learn its
 # 64-px pictures from scratch in a few minutes on a CPU.
-DEMO_SETTINGS = dict(img_size=64, scale=(0.5, 1.0), epochs=20, batch_size=32, lr=1e-3)
+DEMO_SETTINGS = dict(img_size=64, scale=(0.5, 1.0), epochs=20, batch_size=32, lr=1e-3, pretrained='none')
 
 INTERPOLATIONS = ('bilinear', 'bicubic', 'nearest')
 # --recipe: defaults laid under the command line (the parser's own are 'light'); DeiT's main.py values
@@ -52,10 +52,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='for skewed class counts: weight the loss, or sample classes equally')
     g = p.add_argument_group('model')
     g.add_argument('--pretrained', nargs='?', const=True, metavar='WEIGHTS',
-                   help="start from pretrained weights: alone, the --model's default timm weights; or a timm tag "
-                        "(fb_in1k, deit_small_patch16_224.fb_in1k) or hf-hub:ORG/NAME (fetched once into the Hugging "
-                        "Face cache, offline from it with HF_HUB_OFFLINE=1); or a local .pth / .safetensors / toolkit "
-                        "checkpoint")
+                   help="the weights to start from: alone (and by default on your data), the --model's default timm "
+                        "weights; a timm tag (fb_in1k, deit_small_patch16_224.fb_in1k) or hf-hub:ORG/NAME (fetched once "
+                        "into the Hugging Face cache, offline from it with HF_HUB_OFFLINE=1); a local .pth / "
+                        ".safetensors / toolkit checkpoint; or none: from scratch (the built-in demo's default)")
     g.add_argument('--img-size', type=int, help="input size (default: the model's own)")
     g.add_argument('--drop-path', type=float, default=0.0, help='stochastic depth rate (DeiT: 0.1)')
     g = p.add_argument_group('optimisation')
@@ -166,6 +166,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         layers.insert(0, RECIPES[recipe])
     args = parse_layered(get_args_parser(), argv, *layers) if layers else first
     args.resume = first.resume
+    if args.pretrained is None and not args.resume:  # fine-tuning your data starts from the model's timm weights
+        args.pretrained = True
     if auto and args.resume:  # the run found continues in its own folder
         args.output_dir = str(Path(args.resume).parent)
     args.model_kwargs = parse_key_values(args.model_kwargs)

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Union
 
-from huggingface_hub import constants
+from huggingface_hub import constants, try_to_load_from_cache
 from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
                                     RepositoryNotFoundError, RevisionNotFoundError)
 from timm.models import get_pretrained_cfg, list_pretrained, load_state_dict_from_hf, split_model_name_tag
@@ -21,6 +21,7 @@ from timm.models import get_pretrained_cfg, list_pretrained, load_state_dict_fro
 from utils.errors import UserError
 
 HF_HUB_PREFIX = 'hf-hub:'
+SCRATCH = 'none'  # --pretrained none: random initialisation
 FILE_ENDINGS = ('.pth', '.pt', '.pth.tar', '.bin', '.safetensors')
 FORMS = "give a .pth/.safetensors path, hf-hub:ORG/NAME, or a tag such as deit_small_patch16_224.fb_in1k"
 
@@ -60,7 +61,8 @@ def _hub_failure(err: Exception, hub_id: str):
                 f"check the cache folder {constants.HF_HUB_CACHE} (HF_HUB_CACHE)")
     offline = ' (HF_HUB_OFFLINE is set)' if constants.HF_HUB_OFFLINE else ''
     return (f"not in the cache ({constants.HF_HUB_CACHE}) and the hub cannot be reached{offline}",
-            'run once with network access, or download the file and pass --pretrained FILE')
+            'run once with network access, download the file and pass --pretrained FILE, or train from scratch '
+            'with --pretrained none')
 
 
 def _timm_cfg(name: str):
@@ -79,13 +81,35 @@ def _tags(arch: str) -> str:
 def _from_cfg(cfg) -> HubWeights:
     variant = f'{cfg.architecture}.{cfg.tag}'
     if not cfg.hf_hub_id:
-        raise UserError(f"timm knows no Hugging Face hub weights for {variant}; download them and pass --pretrained FILE")
+        raise UserError(f"timm knows no Hugging Face hub weights for {variant}; download them and pass --pretrained FILE, "
+                        f"or train from scratch with --pretrained none")
     return HubWeights(variant, variant, cfg.hf_hub_id)
+
+
+def wants_weights(value: Union[str, bool, None]) -> bool:
+    """Whether a --pretrained value asks for weights (None, False, '' and 'none' do not)."""
+    return value not in (None, False, '', SCRATCH)
+
+
+def describe_weights(model_name: str, value: Union[str, bool, None]) -> str:
+    """What a run starts from, in one line, before anything is fetched: a file, hub weights (from the cache, or
+    downloaded once into it) or random initialisation."""
+    weights = resolve_pretrained(model_name, value)
+    if weights is None:
+        return 'from scratch: random initialisation'
+    if not isinstance(weights, HubWeights):
+        return f'weights: {weights}'
+    repo, _, revision = weights.hub_id.partition('@')
+    cached = any(isinstance(try_to_load_from_cache(repo, name, revision=revision or None), str)
+                 for name in ('model.safetensors', 'pytorch_model.bin'))
+    where = 'cache' if cached else 'hub'
+    return (f"weights: {weights.label} from the Hugging Face {where} ({weights.hub_id})"
+            + ('' if cached else f', downloading once into {constants.HF_HUB_CACHE}'))
 
 
 def resolve_pretrained(model_name: str, value: Union[str, bool, None]) -> Union[None, str, HubWeights]:
     """None (no weights), the path of a weights file, or the hub weights that ``value`` names for ``model_name``."""
-    if value is None or value is False or value == '':
+    if not wants_weights(value):
         return None
     arch = split_model_name_tag(model_name)[0]
     if value is True:

@@ -10,6 +10,19 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _offline_hub(tmp_path_factory, monkeypatch):
+    """Nothing downloads in a test: the Hugging Face hub is off and its cache is an empty folder (tests that need
+    hub weights write them into a cache of their own, see test_hub_weights.py)."""
+    from huggingface_hub import constants
+    cache = tmp_path_factory.getbasetemp() / 'empty-hf-cache'
+    cache.mkdir(exist_ok=True)
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setenv('HF_HUB_CACHE', str(cache))
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(cache))
+
+
 def make_image_folder(root, classes=('checker', 'stripes_h', 'stripes_v'), per_class=20, size=32, seed=0):
     """Write ``root/<class>/*.png`` of generated textures (learnable: the class is the texture)."""
     import numpy as np
@@ -26,7 +39,8 @@ def make_image_folder(root, classes=('checker', 'stripes_h', 'stripes_v'), per_c
 
 TINY_FLAGS = ['--model', 'vit_tiny_patch16_224', '--img-size', '32', '--model-kwargs', 'patch_size=8', 'depth=4',
               'embed_dim=64', 'num_heads=2', '--workers', '0', '--no-report', '--batch-size', '16',
-              '--lr', '1e-3', '--aa', '', '--reprob', '0', '--drop-path', '0', '--scale', '0.8', '1']
+              '--lr', '1e-3', '--aa', '', '--reprob', '0', '--drop-path', '0', '--scale', '0.8', '1',
+              '--pretrained', 'none']
 
 
 def tokens_per_block(model, x):

@@ -6,6 +6,7 @@ snapshots/<commit>/model.safetensors, which is all timm's load_state_dict_from_h
 import pytest
 import timm
 import torch
+import yaml
 from huggingface_hub import constants
 from safetensors.torch import save_file
 
@@ -99,7 +100,8 @@ def test_weights_in_neither_cache_nor_reach_are_one_line(pretrained, label, repo
         build_model('vit_tiny_patch16_224', num_classes=3, pretrained=pretrained, **TINY)
     assert str(err.value) == (f"could not get the weights of {label} from the Hugging Face hub ({repo}): not in the "
                               f"cache ({hub.cache}) and the hub cannot be reached (HF_HUB_OFFLINE is set); run once "
-                              f"with network access, or download the file and pass --pretrained FILE")
+                              f"with network access, download the file and pass --pretrained FILE, or train from scratch with "
+                              f"--pretrained none")
 
 
 @pytest.mark.parametrize('error, cause', [(PermissionError(13, 'Permission denied'), 'PermissionError: [Errno 13] '
@@ -116,12 +118,13 @@ def test_other_failures_of_the_hub_say_what_happened(error, cause, hub, monkeypa
 
 def test_missing_hub_weights_through_the_cli_are_one_error_line(hub, tmp_path, capsys):
     data = make_image_folder(tmp_path / 'd', per_class=5, size=16)
-    assert train_gpu.main(['--data-root', str(data), '--output-dir', str(tmp_path / 'r'), '--pretrained',
-                           *TINY_FLAGS]) == 2
+    assert train_gpu.main(['--data-root', str(data), '--output-dir', str(tmp_path / 'r'), *TINY_FLAGS,
+                           '--pretrained']) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f'error: could not get the weights of {DEFAULT[5:]} from the Hugging Face hub ({DEFAULT}): '
-                          f'not in the cache ({hub.cache})')
-    assert '\n' not in err and 'Traceback' not in err
+    errors = [line for line in err.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1 and 'Traceback' not in err
+    assert errors[0].startswith(f'error: could not get the weights of {DEFAULT[5:]} from the Hugging Face hub '
+                                f'({DEFAULT}): not in the cache ({hub.cache})')
 
 
 @pytest.mark.parametrize('value, message', [
@@ -148,10 +151,43 @@ def test_an_existing_file_wins_over_a_tag_of_the_same_name(hub, tmp_path, monkey
 def test_training_with_pretrained_alone_records_it_and_resumes(hub, tmp_path):
     hub(DEFAULT, tiny_state(7))
     data, run = make_image_folder(tmp_path / 'd', per_class=10, size=32), tmp_path / 'run'
-    assert train_gpu.main(['--data-root', str(data), '--output-dir', str(run), '--epochs', '1', '--pretrained',
-                           *TINY_FLAGS, '--method', 'mtvit']) == 0
+    assert train_gpu.main(['--data-root', str(data), '--output-dir', str(run), '--epochs', '1', *TINY_FLAGS,
+                           '--pretrained', '--method', 'mtvit']) == 0
     assert 'start from their own initialisation (mtvit_fusion.' in (run / 'train.log').read_text()
     assert train_gpu.parse_args(['--config', str(run / 'config.yaml')]).pretrained is True
     assert torch.load(run / 'last.pth', weights_only=True)['args']['pretrained'] is True
     assert train_gpu.main(['--resume', str(run / 'last.pth'), '--epochs', '2']) == 0
     assert torch.load(run / 'last.pth', weights_only=True)['epoch'] == 1
+
+
+def _without_pretrained_none(flags):
+    return [f for i, f in enumerate(flags) if f != '--pretrained' and (i == 0 or flags[i - 1] != '--pretrained')]
+
+
+def test_your_data_starts_from_the_models_timm_weights_by_default_and_says_so(hub, tmp_path):
+    state = tiny_state(8)
+    hub(DEFAULT, state)
+    data, run = make_image_folder(tmp_path / 'd', per_class=5, size=32), tmp_path / 'run'
+    flags = _without_pretrained_none(TINY_FLAGS)
+    assert train_gpu.main(['--data-root', str(data), '--output-dir', str(run), '--epochs', '1', *flags,
+                           '--lr', '0']) == 0
+    line = f'weights: {DEFAULT[5:]} from the Hugging Face cache ({DEFAULT})'
+    assert line in (run / 'train.log').read_text()
+    assert yaml.safe_load((run / 'config.yaml').read_text())['run_info']['weights'] == line
+    best = torch.load(run / 'best.pth', weights_only=True)['model']  # lr 0: the hub's weights as they came
+    assert torch.equal(best['blocks.1.attn.qkv.weight'], state['blocks.1.attn.qkv.weight'])
+    scratch = tmp_path / 'scratch'
+    assert train_gpu.main(['--data-root', str(data), '--output-dir', str(scratch), '--epochs', '1', *flags,
+                           '--pretrained', 'none']) == 0
+    assert 'from scratch: random initialisation' in (scratch / 'train.log').read_text()
+    assert train_gpu.parse_args([]).pretrained == 'none'  # the built-in demo stays offline, from scratch
+
+
+def test_no_cache_and_no_network_names_both_ways_out(hub, tmp_path, capsys):
+    data = make_image_folder(tmp_path / 'd', per_class=5, size=16)
+    assert train_gpu.main(['--data-root', str(data), '--output-dir', str(tmp_path / 'r'),
+                           *_without_pretrained_none(TINY_FLAGS)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == f'weights: {DEFAULT[5:]} from the Hugging Face hub ({DEFAULT}), downloading once into {hub.cache}'
+    assert len(err) == 2 and err[1].startswith('error: could not get the weights')
+    assert '--pretrained FILE' in err[1] and '--pretrained none' in err[1] and not (tmp_path / 'r').exists()

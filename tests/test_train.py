@@ -170,8 +170,8 @@ def test_bad_pretrained(kind, shapes, tmp_path, capsys):
         torch.save({'model': other.state_dict()}, path)
     expected = {'missing': 'does not exist', 'not_a_checkpoint': 'is a text file, not a checkpoint',
                 'other_architecture': 'do not fit'}[kind]
-    line = _expect_error(['--data-root', str(shapes), '--pretrained', str(path), '--output-dir',
-                          str(tmp_path / 'r'), *TINY_FLAGS], capsys, expected)
+    line = _expect_error(['--data-root', str(shapes), '--output-dir', str(tmp_path / 'r'), *TINY_FLAGS,
+                          '--pretrained', str(path)], capsys, expected)
     if kind == 'other_architecture':
         assert 'the file holds embed width 32' in line  # names the cause
 

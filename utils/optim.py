@@ -8,6 +8,7 @@ import torch
 from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
 
 from models.factory import model_new_params
+from models.pretrained import wants_weights
 from models.registry import new_param_lr_scale
 
 
@@ -54,5 +55,6 @@ def resolve_lr(args, world_size: int) -> LearningRate:
     global_batch = args.batch_size * world_size * args.accum_steps
     if args.lr is not None:
         return LearningRate(args.lr, global_batch)
-    base = args.lr_base if args.lr_base is not None else LR_BASE['pretrained' if args.pretrained else 'scratch']
+    default = LR_BASE['pretrained' if wants_weights(args.pretrained) else 'scratch']
+    base = args.lr_base if args.lr_base is not None else default
     return LearningRate(base * global_batch / LR_BASE_SIZE, global_batch, base)

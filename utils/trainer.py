@@ -19,6 +19,7 @@ from datasets.folder import Split, make_split
 from datasets.transforms import Augmentation, data_config, eval_transform, train_transform
 from models.checkpoint import finite_state, load_resume_checkpoint, make_checkpoint, save_atomic
 from models.factory import build_model, check_is_vit, load_backbone_state, model_new_params
+from models.pretrained import describe_weights, wants_weights
 from models.registry import method_cfg, unwrap, within_budget
 from utils import run_files
 from utils.curves import TrainingCurves, add_curves_to_report
@@ -183,17 +184,21 @@ def scan_data(args, resume_ckpt: Optional[dict] = None) -> Split:
 
 
 def build_run_model(args, classes, resume_ckpt: Optional[dict], info: DistInfo):
-    """The model on its device (pretrained weights unless resuming) and the metadata every checkpoint holds."""
+    """The model on its device (pretrained weights unless resuming) and the metadata every checkpoint holds,
+    with the line that says what the weights are (``weights``, also in config.yaml)."""
+    pretrained = None if resume_ckpt else args.pretrained
+    weights = f"weights: {args.resume} (resumed)" if resume_ckpt else describe_weights(args.model, pretrained)
+    log.info(weights)
     model = build_model(args.model, args.method, args.method_cfg, num_classes=len(classes),
-                        img_size=args.img_size, pretrained=None if resume_ckpt else args.pretrained,
-                        drop_path_rate=args.drop_path, **args.model_kwargs)
+                        img_size=args.img_size, pretrained=pretrained, drop_path_rate=args.drop_path,
+                        **args.model_kwargs)
     new_params = model_new_params(model)
-    if new_params and args.pretrained and not resume_ckpt:
+    if new_params and wants_weights(pretrained):
         log.info(f'{len(new_params)} parameter tensors added by method {args.method} start from their own '
                  f'initialisation ({new_params[0]} ...)')
     meta = dict(model_name=args.model, model_kwargs=args.model_kwargs, method=args.method,
                 method_cfg=method_cfg(model), num_classes=len(classes), class_names=list(classes),
-                data_config=data_config(model, args.img_size, args.crop_pct, args.interpolation))
+                data_config=data_config(model, args.img_size, args.crop_pct, args.interpolation), weights=weights)
     model.to(info.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -204,8 +209,8 @@ def write_run_files(run_dir: Path, args, meta: dict, split: Split, info: DistInf
     """config.yaml, the classes and the exact split (and the files skipped) in the run folder; summary lines.
     The split's files are written once: a resumed run in its own folder keeps them as they are."""
     run_files.write_config(run_dir / 'config.yaml', args,
-                           dict(method_cfg=meta['method_cfg'], lr=lr.value, global_batch=lr.global_batch,
-                                warmup_epochs=warmup, **run_files.environment(REPO)))
+                           dict(weights=meta['weights'], method_cfg=meta['method_cfg'], lr=lr.value,
+                                global_batch=lr.global_batch, warmup_epochs=warmup, **run_files.environment(REPO)))
     if not (run_dir / 'train_files.csv').exists():
         run_files.write_class_indices(run_dir / 'class_indices.json', split.classes)
         run_files.write_file_list(run_dir / 'train_files.csv', split.train, split.classes)

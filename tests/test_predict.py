@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
+from sklearn.metrics import log_loss, precision_recall_fscore_support, roc_auc_score
 
 import predict
 import train_gpu
@@ -15,7 +15,7 @@ from utils.report import write_labelled_report
 
 REPORT_FILES = ['confusion_matrix.png', 'confusion_matrix_normalized.png', 'confusion_matrix.csv',
                 'confusion_matrix_normalized.csv', 'roc_curves.png', 'pr_curves.png', 'per_class_report.csv',
-                'predictions.csv', 'misclassified.png', 'summary.json', 'report.html']
+                'predictions.csv', 'misclassified.png', 'reliability.png', 'summary.json', 'report.html']
 
 
 @pytest.fixture(scope='module')
@@ -66,6 +66,9 @@ def test_labelled_report_agrees_with_predictions_and_sklearn(run, tmp_path):
     assert np.isclose(table.loc['macro avg', 'roc_auc'], summary['macro_auc'])
     assert np.isclose(table.loc['weighted avg', 'roc_auc'], roc_auc_score(y, probs, multi_class='ovr', average='weighted'))
     assert np.isclose(summary['accuracy'], (preds['true'] == preds['predicted']).mean())
+    assert np.isclose(summary['log_loss'], log_loss(y, probs / probs.sum(1, keepdims=True), labels=[0, 1, 2]), rtol=1e-4)
+    assert np.isclose(summary['brier'], ((probs - np.eye(3)[y]) ** 2).sum(1).mean(), rtol=1e-4)
+    assert 'expected calibration error' in (out / 'report.html').read_text()
     assert summary['skipped_files'] == 1 and 'broken.png' in (out / 'report.html').read_text()
     assert '<img src="data:image/png;base64,' in (out / 'report.html').read_text()
 
@@ -256,3 +259,22 @@ def test_mistakes_grid_keeps_titles_apart(tmp_path):
         assert lower.title.get_window_extent().y1 < upper.get_window_extent().y0
     import matplotlib.pyplot as plt
     plt.close(fig)
+
+
+def test_calibration_error_follows_its_definition_and_scikit_learns_bins():
+    """ECE from scikit-learn's calibration_curve (15 uniform bins) weighted by each bin's share of the images;
+    0 for confidences that equal the accuracy in every bin; Brier as scikit-learn's multi-class score."""
+    from sklearn.calibration import calibration_curve
+    from utils.calibration import BINS, calibration_scores
+    rng = np.random.default_rng(0)
+    probs, targets = rng.dirichlet(np.ones(4) * 0.5, size=400), rng.integers(0, 4, 400)
+    confidence, correct = probs.max(1), probs.argmax(1) == targets
+    accuracy, mean_confidence = calibration_curve(correct, confidence, n_bins=BINS, strategy='uniform')
+    counts = np.bincount(np.searchsorted(np.linspace(0, 1, BINS + 1)[1:-1], confidence), minlength=BINS)
+    expected = (np.abs(accuracy - mean_confidence) * counts[counts > 0] / len(targets)).sum()
+    scores = calibration_scores(probs, targets)
+    assert np.isclose(scores['ece'], expected) and scores['ece'] > 0.1
+    assert np.isclose(scores['log_loss'], log_loss(targets, probs, labels=range(4)))
+    assert np.isclose(scores['brier'], ((probs - np.eye(4)[targets]) ** 2).sum(1).mean())
+    calibrated = np.full((10, 2), 0.5)  # 50 % confident and right half the time
+    assert calibration_scores(calibrated, np.array([0, 1] * 5))['ece'] == 0

@@ -24,6 +24,8 @@ import pandas as pd  # noqa: E402
 from sklearn.metrics import (auc, average_precision_score, classification_report, confusion_matrix,  # noqa: E402
                              precision_recall_curve, roc_curve, top_k_accuracy_score)
 
+from utils.calibration import BINS, calibration_scores, plot_reliability  # noqa: E402
+
 MAX_CLASSES_DRAWN = 30   # confusion-matrix rows/columns drawn before switching to the most confused classes
 MAX_CURVES = 10          # per-class ROC/PR curves drawn before switching to the worst classes
 MISTAKES_SHOWN = 16
@@ -240,6 +242,8 @@ def write_labelled_report(probs: np.ndarray, targets: np.ndarray, paths: Sequenc
     # one-vs-rest AUC averaged over the classes present (sklearn's 'ovr' macro when all are present)
     macro_auc = float(per_class.loc['macro avg', 'roc_auc']) if roc else None
     mistakes = plot_mistakes(table, out / 'misclassified.png')
+    calibration = calibration_scores(probs, targets)
+    plot_reliability(probs, targets, calibration['ece'], out / 'reliability.png')
     with warnings.catch_warnings():  # k = number of classes is allowed (and trivially 100 %)
         warnings.simplefilter('ignore')
         top_k = float(top_k_accuracy_score(targets, probs[:, 1] if len(names) == 2 else probs, k=k,
@@ -247,7 +251,7 @@ def write_labelled_report(probs: np.ndarray, targets: np.ndarray, paths: Sequenc
     summary = dict(
         accuracy=accuracy, top_k=k, top_k_accuracy=top_k,
         macro_f1=float(report['macro avg']['f1-score']), weighted_f1=float(report['weighted avg']['f1-score']),
-        macro_auc=macro_auc, images=int(len(targets)), misclassified=mistakes, classes=list(names),
+        macro_auc=macro_auc, **calibration, images=int(len(targets)), misclassified=mistakes, classes=list(names),
         classes_in_data=[names[c] for c in present], **context)
     if not roc:
         summary['notes'] = ['ROC AUC and average precision are n/a: the data holds images of one class only']
@@ -281,6 +285,8 @@ def write_html(out: Path, summary: dict, per_class: pd.DataFrame) -> None:
              (f"top-{summary['top_k']} accuracy", f"{summary['top_k_accuracy'] * 100:.2f} %"),
              ('macro / weighted F1', f"{summary['macro_f1'] * 100:.2f} % / {summary['weighted_f1'] * 100:.2f} %"),
              ('macro ROC AUC', 'n/a' if summary['macro_auc'] is None else f"{summary['macro_auc']:.4f}"),
+             (f'expected calibration error (top-1, {BINS} bins)', f"{summary['ece'] * 100:.2f} %"),
+             ('log-loss / Brier score', f"{summary['log_loss']:.4f} / {summary['brier']:.4f}"),
              ('images / s', f"{summary['images_per_s']:.1f}"), ('misclassified', summary['misclassified']),
              ('skipped files', summary['skipped_files'])]
     facts += [(k, f'{v:.4g}') for k, v in summary.get('method_stats', {}).items()]
@@ -291,6 +297,7 @@ def write_html(out: Path, summary: dict, per_class: pd.DataFrame) -> None:
     skipped = ''.join(f'<li>{html.escape(str(p))}: {html.escape(str(w))}</li>' for p, w in summary.get('skipped', []))
     plots = [('Confusion matrix', 'confusion_matrix.png'), ('Confusion matrix, normalised', 'confusion_matrix_normalized.png'),
              ('ROC curves', 'roc_curves.png'), ('Precision-recall curves', 'pr_curves.png'),
+             ('Reliability (calibration of the top-1 confidence)', 'reliability.png'),
              ('Most confident mistakes', 'misclassified.png')]
     extra = [(title, name) for title, name in summary.get('extra_plots', []) if (out / name).exists()]
     figures = ''.join(f'<h2>{html.escape(t)}</h2>{_img(out / n)}' for t, n in plots + extra)

@@ -17,6 +17,7 @@ from pathlib import Path
 from models.registry import method_cfg_from_args
 from utils.cli_args import device_flag, method_flags, model_flags
 from utils.config import check_config, load_yaml, parse_key_values, parse_layered
+from utils.curriculum import CURRICULA
 from utils.errors import run_cli
 from utils.schedule import SCHEDULES
 from utils.selection import EVAL_METRICS
@@ -84,6 +85,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "onecycle; measured against a plain loop, see README) or deit (DeiT's 300-epoch ImageNet "
                         "recipe: RandAugment, random erasing, Mixup 0.8 / CutMix 1.0, crop area from 0.08, the model's "
                         "crop-pct, cosine); flags given win")
+    g.add_argument('--curriculum', choices=CURRICULA, default='none',
+                   help="training curriculum: 'efficienttrain' (5 stages: Fourier low-pass crop to 160/224, 160, 160, "
+                        "192, 224 of --img-size, RandAugment magnitude 1, 3, 5, 7, 9; see utils/curriculum.py)")
     g.add_argument('--mixup', type=float, default=0.0, help='Mixup alpha (0: off; DeiT uses 0.8)')
     g.add_argument('--cutmix', type=float, default=0.0, help='CutMix alpha (0: off; DeiT uses 1.0)')
     g.add_argument('--scale', type=float, nargs=2, default=(1.0, 1.0), metavar=('MIN', 'MAX'),

@@ -62,6 +62,8 @@ def y_label(title: str) -> str:
         return Y_LABELS[title]
     if 'tokens' in title:
         return 'tokens'
+    if 'band' in title:
+        return 'pixels'
     if any(word in title for word in ('rate', 'ratio', 'share')):
         return 'ratio (0-1)'
     return title

@@ -1,7 +1,8 @@
 """One training loop and one evaluation for every method (DeiT's engine.py, on timm's pieces).
 
 The loop calls the method hooks through ``models.registry`` (schedule before each step, extra loss after
-the forward) and never names a method. Evaluation counts every image exactly once whatever the number of
+the forward) and a run's per-batch input transform (a curriculum's, ``utils.curriculum``), and never names a
+method or a curriculum. Evaluation counts every image exactly once whatever the number of
 processes (see ``utils.data.shard_sampler``: no padding on the validation side).
 """
 import contextlib
@@ -70,8 +71,9 @@ def check_finite(bad_loss: torch.Tensor, epoch: int, first: int, last: int, devi
 
 def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: Callable, settings: StepSettings,
                     epoch: int, total_epochs: int, scheduler=None, mixup=None, ema=None,
-                    num_updates: int = 0) -> dict:
-    """Train one epoch; returns mean loss, lr, global images/s, updates done, and the method's stats."""
+                    num_updates: int = 0, input_transform: Optional[Callable] = None) -> dict:
+    """Train one epoch; returns mean loss, lr, global images/s, updates done, and the method's stats.
+    ``input_transform`` changes each batch of images on the device, before Mixup (a curriculum's crop)."""
     model.train()
     steps = len(loader)
     seen = 0
@@ -88,6 +90,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: Callable, sett
             continue
         images, targets = _to_device(batch[0], batch[1], settings)
         n = images.shape[0]
+        if input_transform is not None:
+            images = input_transform(images)
         if mixup is not None:
             images, targets = mix(mixup, images, targets)
         update_schedule(model, epoch + step / steps, total_epochs)

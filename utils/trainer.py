@@ -16,12 +16,13 @@ from torch import nn
 
 from datasets.demo import make_demo_dataset
 from datasets.folder import Split, make_split
-from datasets.transforms import Augmentation, data_config, eval_transform, train_transform
+from datasets.transforms import Augmentation, data_config, eval_transform
 from models.checkpoint import finite_state, load_resume_checkpoint, make_checkpoint, save_atomic
 from models.factory import build_model, check_is_vit, load_backbone_state, model_new_params
 from models.pretrained import describe_weights, wants_weights
 from models.registry import method_cfg, unwrap, within_budget
 from utils import run_files
+from utils.curriculum import Curriculum, make_curriculum
 from utils.curves import TrainingCurves, add_curves_to_report
 from utils.data import class_weights, eval_loader, train_loader
 from utils.distributed import DistInfo, any_process, barrier, cleanup, init_distributed, on_main_process
@@ -98,12 +99,15 @@ def _train(args, info: DistInfo) -> Path:
         model, meta = build_run_model(args, split.classes, resume_ckpt, info)
         if info.is_main:
             write_run_files(run_dir, args, meta, split, info, lr, warmup)
-        loader, val_loader = make_loaders(args, split, meta['data_config'], info)
+        curriculum = make_curriculum(args.curriculum, args.epochs, meta['data_config']['input_size'][-1],
+                                     model.patch_embed.patch_size[0])
+        curriculum.check_model(model, args.method)
+        loader, val_loader = make_loaders(args, split, meta['data_config'], info, curriculum)
         opt = build_optimisation(args, model, loader, split, lr.value, warmup, info.device)
         if resume_ckpt:
             resume(resume_ckpt, args, model, opt, progress, info)
         started = True
-        run_epochs(run_dir, args, info, split, model, meta, loader, val_loader, opt, progress, curves)
+        run_epochs(run_dir, args, info, split, model, meta, loader, val_loader, opt, progress, curves, curriculum)
     except Diverged as err:
         raise Diverged(f'{err}; {progress.kept(run_dir)}. Lower --lr, or set --clip-grad 1.0 (or --no-amp)') from None
     except Stopped as stop:
@@ -114,16 +118,20 @@ def _train(args, info: DistInfo) -> Path:
 
 
 def run_epochs(run_dir: Path, args, info: DistInfo, split: Split, model, meta: dict, loader, val_loader,
-               opt: 'Optimisation', progress: 'Progress', curves: TrainingCurves) -> None:
-    """Train and validate each epoch, write its checkpoints and log row; then the final report."""
+               opt: 'Optimisation', progress: 'Progress', curves: TrainingCurves, curriculum: Curriculum) -> None:
+    """Train (in the curriculum's stage of the epoch) and validate each epoch, write its checkpoints and log row;
+    then the final report."""
     train_model = wrap_for_training(model, args, info)
     settings = StepSettings(info.device, opt.amp_dtype, opt.scaler, args.accum_steps, args.clip_grad,
                             args.channels_last, show_progress=info.is_main, log_interval=args.log_interval)
     for epoch in range(progress.start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
+        stage = curriculum.set_epoch(epoch)  # before the loader's iterator starts: its workers read the stage
         epoch_start = time.time()
         train_stats = train_one_epoch(train_model, loader, opt.optimizer, opt.loss_fn, settings, epoch,
-                                      args.epochs, opt.scheduler, opt.mixup, opt.ema, progress.num_updates)
+                                      args.epochs, opt.scheduler, opt.mixup, opt.ema, progress.num_updates,
+                                      input_transform=curriculum)
+        train_stats.update(stage)
         progress.num_updates = train_stats['num_updates']
         val_stats = evaluate(model, val_loader, settings, len(split.classes))
         ema_stats = evaluate(opt.ema.module, val_loader, settings, len(split.classes)) if opt.ema else None
@@ -185,13 +193,16 @@ def scan_data(args, resume_ckpt: Optional[dict] = None) -> Split:
 
 def build_run_model(args, classes, resume_ckpt: Optional[dict], info: DistInfo):
     """The model on its device (pretrained weights unless resuming) and the metadata every checkpoint holds,
-    with the line that says what the weights are (``weights``, also in config.yaml)."""
+    with the line that says what the weights are (``weights``, also in config.yaml). Under a curriculum the model
+    takes any input size (timm's ``dynamic_img_size``, which changes no weight); the checkpoints' ``model_kwargs``
+    stay the user's, so predict.py and export.py build the plain full-size model."""
     pretrained = None if resume_ckpt else args.pretrained
     weights = f"weights: {args.resume} (resumed)" if resume_ckpt else describe_weights(args.model, pretrained)
     log.info(weights)
+    sizes = dict(dynamic_img_size=True) if args.curriculum != 'none' else {}
     model = build_model(args.model, args.method, args.method_cfg, num_classes=len(classes),
                         img_size=args.img_size, pretrained=pretrained, drop_path_rate=args.drop_path,
-                        **args.model_kwargs)
+                        **{**args.model_kwargs, **sizes})
     new_params = model_new_params(model)
     if new_params and wants_weights(pretrained):
         log.info(f'{len(new_params)} parameter tensors added by method {args.method} start from their own '
@@ -223,9 +234,9 @@ def write_run_files(run_dir: Path, args, meta: dict, split: Split, info: DistInf
     log.info(f'{args.epochs} epochs, learning rate {lr}, warm-up {warmup:g} epochs')
 
 
-def make_loaders(args, split: Split, cfg: dict, info: DistInfo):
+def make_loaders(args, split: Split, cfg: dict, info: DistInfo, curriculum: Curriculum):
     pin = info.device.type == 'cuda'
-    loader = train_loader(split.train, train_transform(cfg, Augmentation.from_args(args)), args.batch_size,
+    loader = train_loader(split.train, curriculum.train_transform(cfg, Augmentation.from_args(args)), args.batch_size,
                           args.workers, info.rank, info.world_size, args.seed, args.class_balance, pin)
     val_loader = eval_loader(split.val, eval_transform(cfg), args.batch_size, args.workers, info.rank,
                              info.world_size, pin)

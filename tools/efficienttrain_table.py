@@ -4,7 +4,7 @@
     python tools/efficienttrain_table.py --data data/real/digits --seeds 0 1 2 --epochs 30
 
 Each setting trains the same model from the same flags (``--img-size``, ``--batch-size``, ``--workers``,
-``--epochs``, DeiT's RandAugment ``rand-m9-mstd0.5-inc1`` and ``--clip-grad 5`` for all four; EfficientTrain
+``--epochs``, from scratch, DeiT's RandAugment ``rand-m9-mstd0.5-inc1`` and ``--clip-grad 5`` for all four; EfficientTrain
 replaces the m per stage) with ``train_gpu.py`` in its own process; ToE uses the EfficientTrain release's DeiT
 settings (keep 0.6 / 0.8 / 1.0 from a seed of 0.3, stages at 0, 1/3, 2/3, 2 sub-steps) alone and combined. The
 table gives the last epoch's validation top-1 (mean, standard deviation and range over the seeds), the mean wall
@@ -31,7 +31,8 @@ def run(data: Path, out: Path, name: str, seed: int, args) -> tuple:
     command = [sys.executable, str(REPO / 'train_gpu.py'), '--data-root', str(data), '--output-dir', str(folder),
                '--model', args.model, '--img-size', str(args.img_size), '--epochs', str(args.epochs),
                '--batch-size', str(args.batch_size), '--workers', str(args.workers), '--seed', str(seed),
-               '--aa', 'rand-m9-mstd0.5-inc1', '--clip-grad', '5', '--no-report', *SETTINGS[name], *args.extra]
+               '--aa', 'rand-m9-mstd0.5-inc1', '--clip-grad', '5', '--pretrained', 'none', '--no-report',
+               *SETTINGS[name], *args.extra]
     start = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seconds = time.perf_counter() - start

@@ -84,6 +84,15 @@ def any_process(flag: bool, device) -> bool:
     return all_reduce_sum([float(flag)], device).item() > 0
 
 
+def gather_lists(items: list) -> list:
+    """The lists ``items`` of every process, joined in rank order (``items`` in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return items
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
+
+
 def broadcast_object(obj, src: int = 0):
     """``obj`` from process ``src`` on every process."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -75,7 +75,7 @@ def train(args) -> Path:
     """Run the whole training described by ``args``; returns the run folder. SIGTERM / SIGINT stop it cleanly
     (``utils.stop_signals``)."""
     with stop_on_signals():
-        info = init_distributed(args.device, args.local_rank)
+        info = init_distributed(args.device, args.local_rank, args.dist_timeout)
         try:
             return _train(args, info)
         finally:

@@ -130,6 +130,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--log-tensorboard', nargs='?', const=True, metavar='DIR',
                    help="also log log.csv's scalars to TensorBoard, in DIR (default: the run folder's tb/); "
                         "needs pip install -r requirements-tensorboard.txt")
+    g.add_argument('--dist-timeout', type=float, default=None, metavar='SECONDS',
+                   help="timeout of the collectives of a multi-process training step (default: torch's, 10 min "
+                        "under NCCL); waits on process 0's data scan and run folder are not bound by it")
     g.add_argument('--local-rank', '--local_rank', type=int, default=None, help=argparse.SUPPRESS)
     return p
 

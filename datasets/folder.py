@@ -6,25 +6,28 @@
   train_dir / val_dir                           any other pair of folders
 
 Below a class folder, files at any depth count, symlinked folders included (each real folder once).
-Folders the toolkit writes (run folders, ``predict-*`` reports) are never scanned as data. Bad files
-(empty, not an image, unreadable, too large to decode) and folders this user may not read are skipped with a
-warning naming each and the cause; files that only fail when decoded (truncated) are skipped at load time by
-``SafeImageDataset`` and ``collate_skipping``. Class names and indices come from the folder names, sorted.
+Folders the toolkit writes (run folders, ``predict-*`` reports) are never scanned as data. A scan is a listing:
+files without an image extension and folders this user may not read are skipped with a warning naming each and
+the cause, and each class's files are header-checked only until a first readable one (so a class, or a
+validation split, of broken files is refused up front). Any other bad file (empty, not an image, unreadable,
+truncated, too large to decode) is skipped when loaded, by ``SafeImageDataset`` and ``collate_skipping``, which
+hand its index and cause to the loop (training lists it in skipped_files.csv). Class names and indices come
+from the folder names, sorted.
 """
 import logging
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
+from tqdm import tqdm
 
 from utils.errors import UserError
-from .images import IMAGE_EXTENSIONS, cannot_read, check_image, try_load_rgb
+from .images import IMAGE_EXTENSIONS, cannot_read, check_image, load_problem, load_rgb
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ SPLIT_NAMES = ('train',) + VAL_NAMES
 TOOLKIT_MARKS = (('last.pth',), ('best.pth',), ('config.yaml', 'class_indices.json'), ('report.html', 'summary.json'),
                  ('predictions.csv', 'confusion_matrix.csv'), ('predictions.csv', 'token_maps.png'),
                  ('benchmark.csv', 'benchmark.md'))
+SCAN_PROGRESS_DELAY = 3  # seconds of scanning before a progress bar (a file count) shows
 
 
 @dataclass
@@ -46,20 +50,23 @@ class FolderScan:
     skipped: List[Tuple[str, str]] = field(default_factory=list)
 
 
-def is_toolkit_output(folder) -> bool:
-    """Whether ``folder`` was written by train_gpu.py, predict.py or benchmark.py (never data to scan)."""
-    return any(all(os.path.isfile(os.path.join(folder, name)) for name in mark) for mark in TOOLKIT_MARKS)
+def is_toolkit_output(folder, names=None) -> bool:
+    """Whether ``folder`` was written by train_gpu.py, predict.py or benchmark.py (never data to scan);
+    ``names``: what it holds, when already listed."""
+    marks = TOOLKIT_MARKS if names is None else [m for m in TOOLKIT_MARKS if set(names).issuperset(m)]
+    return any(all(os.path.isfile(os.path.join(folder, name)) for name in mark) for mark in marks)
 
 
 def holds_only_toolkit_outputs(folder) -> bool:
     """Whether ``folder`` is a toolkit output or a folder of them only (e.g. ``runs/``); False when it cannot
     be listed (``list_images`` reports it)."""
     try:
-        entries = [e for e in os.scandir(folder) if not e.name.startswith('.')]
+        names = [name for name in os.listdir(folder) if not name.startswith('.')]
     except OSError:
         return False
-    return is_toolkit_output(folder) or bool(entries) and all(e.is_dir() and is_toolkit_output(e.path)
-                                                               for e in entries)
+    paths = (os.path.join(folder, name) for name in names)
+    return is_toolkit_output(folder, names) or bool(names) and all(os.path.isdir(p) and is_toolkit_output(p)
+                                                                   for p in paths)
 
 
 def existing_folder(path, what: str = 'data root') -> Path:
@@ -74,72 +81,104 @@ def sub_folders(root: Path) -> List[str]:
     """The visible sub-folders of ``root`` (symlinks followed); toolkit outputs are left out with a warning."""
     names = []
     try:
-        paths = sorted(existing_folder(root).iterdir())
+        with os.scandir(existing_folder(root)) as listing:
+            entries = sorted((e.name, e.path) for e in listing if not e.name.startswith('.') and e.is_dir())
     except OSError as err:
         raise UserError(f"cannot list '{root}': {cannot_read(err, 'folder')}; make it readable by this user") from None
-    for p in paths:
-        if p.name.startswith('.') or not p.is_dir():
+    for name, path in entries:
+        if holds_only_toolkit_outputs(path):
+            log.warning('not scanning %s: a run folder or report of this toolkit, not a class', path)
             continue
-        if holds_only_toolkit_outputs(p):
-            log.warning('not scanning %s: a run folder or report of this toolkit, not a class', p)
-            continue
-        names.append(p.name)
+        names.append(name)
     return names
 
 
-def list_images(folder: Path, skipped: Optional[List[Tuple[str, str]]] = None) -> List[Path]:
-    """Every file below ``folder`` (at any depth, through symlinked folders, each real folder once), in a
-    stable order; hidden files and folders, and toolkit outputs, are left out. A folder (``folder`` itself
-    included) or file this user may not reach is added to ``skipped`` with the cause, or without
-    ``skipped``, named in a warning."""
+def list_images(folder, skipped: Optional[List[Tuple[str, str]]] = None) -> List[str]:
+    """Every file below ``folder`` (at any depth, through symlinked folders, each real folder once), sorted by
+    path parts; hidden files and folders, and toolkit outputs, are left out. A folder (``folder`` itself
+    included) this user may not list, or whose files it may not reach, is added to ``skipped`` with the cause
+    (each unreachable file), or without ``skipped``, named in a warning. A listing: no file is opened or stat'ed
+    (but a symlink, and one file per folder to see that its files can be reached)."""
     seen, found, unreadable = set(), [], []
-    for top, dirs, files in os.walk(folder, onerror=lambda err: unreadable.append((err.filename, err)),
-                                    followlinks=True):
-        real = os.path.realpath(top)
-        if real in seen:  # a symlink loop, or a second link to a folder already listed
-            dirs[:] = []
+    pending = [os.fspath(folder)]
+    while pending:
+        top = pending.pop()
+        try:
+            st = os.stat(top)
+            if (st.st_dev, st.st_ino) in seen:  # a symlink loop, or a second link to a folder already listed
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(top) as listing:
+                entries = [e for e in listing if not e.name.startswith('.')]
+        except OSError as err:
+            unreadable.append((top, err))
             continue
-        seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith('.') and not is_toolkit_output(os.path.join(top, d))]
-        for name in files:
-            path = os.path.join(top, name)
+        files = []
+        for entry in entries:
+            if entry.is_dir():
+                if not is_toolkit_output(entry.path):
+                    pending.append(entry.path)
+            elif entry.is_file():  # False for a broken symlink
+                files.append(entry.path)
+        if files:
             try:
-                if not name.startswith('.') and stat.S_ISREG(os.stat(path).st_mode):
-                    found.append(Path(path))
+                os.stat(files[0])
             except PermissionError as err:  # a folder listed but not searchable
-                unreadable.append((path, err))
-            except OSError:  # a broken symlink
+                unreadable += [(path, err) for path in files]
+                files = []
+            except OSError:
                 pass
-    problems = [(str(path), cannot_read(err, 'folder')) for path, err in unreadable]
+        found += files
+    problems = [(path, cannot_read(err, 'folder')) for path, err in unreadable]
     if skipped is None:
         for path, problem in problems:
             log.warning('skipping %s: %s', path, problem)
     else:
         skipped += problems
-    return sorted(found)
+    if len(seen) == 1:  # one folder: names sort as paths do
+        return sorted(found)
+    return sorted(found, key=lambda path: path.split(os.sep))
 
 
-def scan_classes(root, classes: Optional[Sequence[str]] = None, verify: bool = True) -> FolderScan:
-    """Scan ``root``/<class>/**; with ``classes`` given, only those folders count (others are reported)."""
+def scan_classes(root, classes: Optional[Sequence[str]] = None) -> FolderScan:
+    """Scan ``root``/<class>/**; with ``classes`` given, only those folders count (others are reported). A listing:
+    files without an image extension are skipped, no file is opened. A scan of more than
+    ``SCAN_PROGRESS_DELAY`` seconds shows a progress bar."""
     root = existing_folder(root)
     names = list(classes) if classes is not None else sub_folders(root)
     samples, skipped = [], []
-    for index, name in enumerate(names):
-        for path in list_images(root / name, skipped) if (root / name).is_dir() else []:
-            problem = ('not an image file' if path.suffix.lower() not in IMAGE_EXTENSIONS
-                       else check_image(path) if verify else '')
-            if problem:
-                skipped.append((str(path), problem))
-            else:
-                samples.append((str(path), index))
+    with tqdm(desc=f'scanning {root}', unit=' files', delay=SCAN_PROGRESS_DELAY, leave=False,
+              dynamic_ncols=True) as bar:
+        for index, name in enumerate(names):
+            folder = os.path.join(root, name)
+            paths = list_images(folder, skipped) if os.path.isdir(folder) else []
+            for path in paths:
+                if path.lower().endswith(IMAGE_EXTENSIONS):
+                    samples.append((path, index))
+                else:
+                    skipped.append((path, 'not an image file'))
+            bar.update(len(paths))
     for path, problem in skipped:
         log.warning('skipping %s: %s', path, problem)
     return FolderScan(samples, names, skipped)
 
 
+def until_readable(samples: List[Sample], skipped: List[Tuple[str, str]]) -> List[Sample]:
+    """``samples`` from the first that passes ``check_image`` (header checks in order); the broken ones before
+    it join ``skipped`` with a warning. Empty when none is readable."""
+    for i, (path, _) in enumerate(samples):
+        problem = check_image(path)
+        if not problem:
+            return samples[i:]
+        log.warning('skipping %s: %s', path, problem)
+        skipped.append((path, problem))
+    return []
+
+
 def scan_training_root(root, classes: Optional[Sequence[str]] = None) -> FolderScan:
     """Scan a training root (its class folders, or ``classes``) and check it has 2+ classes with images."""
     scan = scan_classes(root, classes)
+    scan.samples = until_readable(scan.samples, scan.skipped)
     counts = torch.bincount(torch.tensor([t for _, t in scan.samples] or [0]), minlength=len(scan.classes))
     kept = [c for c, n in zip(scan.classes, counts.tolist()) if n > 0] if scan.samples else []
     if len(kept) < 2:
@@ -192,6 +231,7 @@ def given_split(train_root: Path, val_root: Path) -> Split:
         raise UserError(f"'{val_root}' has other classes than '{train_root}' (only in validation: {extra or '-'}; "
                         f"only in training: {missing or '-'}); make both hold the same class folders")
     val = scan_classes(val_root, train.classes)
+    val.samples = until_readable(val.samples, val.skipped)
     if not val.samples:
         raise UserError(f"validation folder '{val_root}' holds no readable images ({len(val.skipped)} files "
                         f"skipped); put images in its class folders, or pass --data-root {train_root} alone "
@@ -225,7 +265,11 @@ def make_split(root=None, val_split: float = 0.2, seed: int = 0, train_dir=None,
     except ValueError as err:
         raise UserError(f"cannot split '{root}' into train and val ({err}); add images to the small "
                         f"classes, change --val-split, or provide train/ and val/ folders") from None
-    return Split(sorted(train), sorted(val), scan.classes, scan.skipped)
+    val = until_readable(sorted(val), scan.skipped)
+    if not val:
+        raise UserError(f"none of the validation images split from '{root}' is readable; remove the broken "
+                        f"files, or provide train/ and val/ folders")
+    return Split(sorted(train), val, scan.classes, scan.skipped)
 
 
 def labelled_root(root) -> Path:
@@ -240,8 +284,16 @@ def labelled_root(root) -> Path:
     return root
 
 
+class LoadFailure(NamedTuple):
+    """What ``SafeImageDataset`` gives for a file that fails to load: its sample index and the cause."""
+    index: int
+    problem: str
+
+
 class SafeImageDataset(Dataset):
-    """(path, target) samples as (image tensor, target, index); ``None`` for a file that fails to decode."""
+    """(path, target) samples as (image, target, index); a ``LoadFailure`` for a file that fails to load (empty,
+    not an image, unreadable, truncated, too large to decode), which the caller names in a warning once (a worker
+    would repeat it every epoch)."""
 
     def __init__(self, samples: Sequence[Sample], transform=None):
         self.samples = list(samples)
@@ -252,16 +304,27 @@ class SafeImageDataset(Dataset):
 
     def __getitem__(self, index):
         path, target = self.samples[index]
-        img = try_load_rgb(path)
-        if img is None:
-            return None
+        try:
+            img = load_rgb(path)
+        except Exception as err:  # truncated or corrupt data only shows when decoded; PIL raises many types
+            return LoadFailure(index, load_problem(path, err))
         return (self.transform(img) if self.transform else img), target, index
 
 
-def collate_skipping(batch):
-    """Default collate over the samples that loaded; an all-broken batch gives ``None``."""
-    batch = [item for item in batch if item is not None]
-    return default_collate(batch) if batch else None
+class Batch(NamedTuple):
+    """A collated batch: images, targets and sample indices of the files that loaded (``None`` each when none
+    did), and the ``LoadFailure`` of each that did not (the loop gathers them: DataLoader workers are processes)."""
+    images: Optional[torch.Tensor]
+    targets: Optional[torch.Tensor]
+    indices: Optional[torch.Tensor]
+    failed: List[LoadFailure]
+
+
+def collate_skipping(items) -> Batch:
+    """Default collate over the samples that loaded, with the failures of the others."""
+    failed = [item for item in items if isinstance(item, LoadFailure)]
+    loaded = [item for item in items if not isinstance(item, LoadFailure)]
+    return Batch(*(default_collate(loaded) if loaded else (None, None, None)), failed)
 
 
 def image_files(paths: Sequence[str], flag: str = '--images') -> List[str]:
@@ -271,8 +334,7 @@ def image_files(paths: Sequence[str], flag: str = '--images') -> List[str]:
         raise UserError(f"{flag}: {', '.join(missing)} not found; check the paths")
     files, skipped = [], []
     for p in map(Path, paths):
-        found = [f for f in list_images(p, skipped) if f.suffix.lower() in IMAGE_EXTENSIONS] if p.is_dir() else [p]
-        files += [str(f) for f in found]
+        files += [f for f in list_images(p, skipped) if f.lower().endswith(IMAGE_EXTENSIONS)] if p.is_dir() else [str(p)]
     for path, problem in skipped:
         log.warning('skipping %s: %s', path, problem)
     if not files:

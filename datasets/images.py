@@ -5,6 +5,7 @@ past ``MAX_IMAGE_PIXELS`` is read reduced to within it (a JPEG is decoded at 1/2
 PIL's DecompressionBombWarning; past twice PIL's limit, only a JPEG can be read.
 """
 import logging
+import os
 import warnings
 from contextlib import contextmanager
 from typing import Iterator, Optional
@@ -86,19 +87,24 @@ def load_rgb(path) -> Image.Image:
     return rgb.reduce(factor) if factor > 1 else rgb
 
 
+def load_problem(path, err: Exception) -> str:
+    """Why ``load_rgb(path)`` raised ``err``, in words: ``check_image``'s cause, else the decoding error's."""
+    return check_image(path) or f'cannot decode ({type(err).__name__})'
+
+
 def try_load_rgb(path) -> Optional[Image.Image]:
-    """``load_rgb``, or None with a warning naming the file when it fails to decode (truncated, corrupt)."""
+    """``load_rgb``, or None with a warning naming the file and the cause when it fails to load."""
     try:
         return load_rgb(path)
     except Exception as err:  # truncated or corrupt data only shows when decoded; PIL raises many types
-        log.warning('skipping %s: cannot decode (%s)', path, type(err).__name__)
+        log.warning('skipping %s: %s', path, load_problem(path, err))
         return None
 
 
 def check_image(path) -> str:
     """Why ``path`` cannot be used as an image ('' when it looks fine); reads the header only."""
     try:
-        if path.stat().st_size == 0:
+        if os.stat(path).st_size == 0:
             return 'empty file'
         with open_image(path) as img:
             img.verify()

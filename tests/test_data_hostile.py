@@ -100,22 +100,23 @@ def test_unreadable_class_folder_sub_folder_and_file_are_skipped_with_the_cause(
             image_files([str(root / 'dots')])
         except UserError as err:
             refused_images = str(err)
-        return scan_classes(root), refused, image_files([str(root)]), refused_images
+        denied_file = SafeImageDataset([(str(root / 'stripes_h' / '000.png'), 2)])[0]  # a listing does not open it
+        return scan_classes(root), refused, image_files([str(root)]), refused_images, denied_file
 
     try:
-        (scan, refused, files, refused_images), logged = without_root_reads(scan_all)
+        (scan, refused, files, refused_images, denied_file), logged = without_root_reads(scan_all)
     finally:
         for path in denied:
             path.chmod(0o755)
     assert scan.classes == ['checker', 'dots', 'stripes_h', 'stripes_v']
     readable = [(str(root / c / f'{i:03d}.png'), t) for c, t, ids in
                 (('checker', 0, range(3)), ('stripes_h', 2, (1, 2)), ('stripes_v', 3, range(3))) for i in ids]
-    assert sorted(scan.samples) == readable  # every readable image, nothing else
+    assert sorted(scan.samples) == sorted(readable + [(str(root / 'stripes_h' / '000.png'), 2)])
     assert sorted(scan.skipped) == [(str(root / 'checker' / 'deep'), DENIED_FOLDER),
                                     (str(root / 'dots'), DENIED_FOLDER),
-                                    (str(root / 'stripes_h' / '000.png'), DENIED_FILE),
                                     (str(root / 'stripes_v' / 'listed' / 'dots' / '000.png'), DENIED_FOLDER)]
-    assert all(f'skipping {path}: {why}' in logged for path, why in scan.skipped)
+    assert denied_file == (0, DENIED_FILE)  # skipped when loaded, with its cause
+    assert all(f'skipping {path}: {why}' in logged for path, why in scan.skipped)  # a load failure: by its caller
     assert "class folder(s) dots in" in refused and 'hold no usable images' in refused
     assert 'no image files' in refused_images and '1 unreadable' in refused_images
     # --images lists the unreadable file too: predict.py skips it by check_image's cause
@@ -174,9 +175,9 @@ def test_images_past_the_budget_are_reduced_or_skipped_by_format(tmp_path, monke
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         scan = scan_classes(tmp_path / 'd')
-    assert [os.path.basename(p) for p, _ in scan.samples] == ['huge.jpg', 'over.png', 'past_limit.jpg']
-    assert scan.skipped == [(str(folder / 'past_limit.png'),
-                             "too large to decode (over 20000 pixels, PIL's limit); downscale it")]
+    assert [os.path.basename(p) for p, _ in scan.samples] == ['huge.jpg', 'over.png', 'past_limit.jpg', 'past_limit.png']
+    too_large = "too large to decode (over 20000 pixels, PIL's limit); downscale it"
+    assert SafeImageDataset([(str(folder / 'past_limit.png'), 0)])[0] == (0, too_large)  # skipped when loaded
     for name, size in ('huge.jpg', (63, 50)), ('past_limit.jpg', (100, 75)), ('over.png', (60, 50)):
         assert loads_quietly(folder / name).size == size
     assert try_load_rgb(folder / 'past_limit.png') is None

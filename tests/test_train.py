@@ -242,6 +242,26 @@ def test_two_process_cpu_run(launcher, tmp_path):
     assert len(read_log(run)) == 1
 
 
+def test_a_scan_longer_than_the_process_group_timeout_does_not_stop_the_run(tmp_path):
+    data = make_image_folder(tmp_path / 'data', per_class=10)
+    run = tmp_path / 'run'
+    slow = tmp_path / 'slow_scan.py'  # train_gpu.py with process 0's scan slowed past --dist-timeout
+    slow.write_text(f"""import sys, time
+sys.path.insert(0, {str(REPO)!r})
+import datasets.folder, train_gpu
+listing = datasets.folder.list_images
+datasets.folder.list_images = lambda *args: (time.sleep(1.5), listing(*args))[1]  # 3 class folders: 4.5 s
+sys.exit(train_gpu.main(sys.argv[1:]))
+""")
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={_free_port()}',
+           str(slow), '--data-root', str(data), '--output-dir', str(run), '--epochs', '1', '--dist-timeout', '3',
+           *TINY_FLAGS]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.load(run / 'last.pth', weights_only=True)['val']['val_images'] == 6
+
+
 @pytest.mark.parametrize('method', ['tome', 'gtp', 'mtvit', 'toe', 'dge'])
 def test_every_method_trains_under_ddp(method, tmp_path):
     data = make_image_folder(tmp_path / 'data', per_class=10)

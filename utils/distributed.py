@@ -2,11 +2,15 @@
 
 torchrun (and the legacy launcher with or without ``--use_env``) sets RANK, WORLD_SIZE and MASTER_*; the
 legacy launcher without ``--use_env`` also passes ``--local-rank``, which the argument parser accepts.
-NCCL on CUDA, gloo on the CPU.
+NCCL on CUDA, gloo on the CPU. Collectives of the training step time out after ``--dist-timeout`` seconds
+(torch's default without it); where processes wait on process 0's work of unknown length (the data scan, the run
+folder, the demo data, the final report) they wait in a gloo group of ``WAIT_TIMEOUT``.
 """
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -14,6 +18,8 @@ import torch.distributed as dist
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
+WAIT_TIMEOUT = timedelta(days=7)  # how long a process waits for process 0's work (a scan of any size)
+_waiting_group = None  # the gloo group of those waits
 
 
 @dataclass
@@ -56,8 +62,10 @@ def pick_device(name: str, local_rank: int = 0, world_size: int = 1, cuda_availa
     return device
 
 
-def init_distributed(device_name: str = 'auto', local_rank=None) -> DistInfo:
-    """Join the process group the launcher set up (if any) and pick this process's device."""
+def init_distributed(device_name: str = 'auto', local_rank=None, timeout_s: Optional[float] = None) -> DistInfo:
+    """Join the process group the launcher set up (if any), its collectives timing out after ``timeout_s``
+    (torch's default when None), and pick this process's device."""
+    global _waiting_group
     world_size = int(os.environ.get('WORLD_SIZE', 1))
     rank = int(os.environ.get('RANK', 0))
     local_rank = int(os.environ.get('LOCAL_RANK', local_rank if local_rank is not None else 0))
@@ -65,7 +73,9 @@ def init_distributed(device_name: str = 'auto', local_rank=None) -> DistInfo:
     if world_size > 1 and not dist.is_initialized():
         if device.type == 'cuda':
             torch.cuda.set_device(device)
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', rank=rank, world_size=world_size)
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s) if timeout_s else None)
+        _waiting_group = dist.new_group(backend='gloo', timeout=WAIT_TIMEOUT)
     return DistInfo(rank, world_size, local_rank, device)
 
 
@@ -84,19 +94,29 @@ def any_process(flag: bool, device) -> bool:
     return all_reduce_sum([float(flag)], device).item() > 0
 
 
-def broadcast_object(obj, src: int = 0):
-    """``obj`` from process ``src`` on every process."""
+def gather_lists(items: list) -> list:
+    """The lists ``items`` of every process, joined in rank order (``items`` in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return items
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
+
+
+def broadcast_object(obj, src: int = 0, group=None):
+    """``obj`` from process ``src`` on every process (over ``group``, the default group when None)."""
     if not (dist.is_available() and dist.is_initialized()):
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
 
 
 def on_main_process(fn, *args):
     """``fn(*args)`` run on process 0 only; its result, or the ``UserError`` it raised, on every process.
 
-    So the other processes neither repeat the work (a data scan) nor wait forever when process 0 fails.
+    So the other processes neither repeat the work (a data scan) nor wait forever when process 0 fails; they
+    wait as long as it takes (``WAIT_TIMEOUT``), whatever ``--dist-timeout``.
     """
     outcome = None
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
@@ -104,17 +124,20 @@ def on_main_process(fn, *args):
             outcome = (fn(*args), None)
         except UserError as err:
             outcome = (None, err)
-    result, err = broadcast_object(outcome)
+    result, err = broadcast_object(outcome, group=_waiting_group)
     if err is not None:
         raise err
     return result
 
 
 def barrier() -> None:
+    """Wait until every process is here, as long as it takes (``WAIT_TIMEOUT``)."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=_waiting_group)
 
 
 def cleanup() -> None:
+    global _waiting_group
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _waiting_group = None

@@ -71,9 +71,11 @@ def check_finite(bad_loss: torch.Tensor, epoch: int, first: int, last: int, devi
 
 def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: Callable, settings: StepSettings,
                     epoch: int, total_epochs: int, scheduler=None, mixup=None, ema=None,
-                    num_updates: int = 0, input_transform: Optional[Callable] = None) -> dict:
+                    num_updates: int = 0, input_transform: Optional[Callable] = None,
+                    failed: Optional[list] = None) -> dict:
     """Train one epoch; returns mean loss, lr, global images/s, updates done, and the method's stats.
-    ``input_transform`` changes each batch of images on the device, before Mixup (a curriculum's crop)."""
+    ``input_transform`` changes each batch of images on the device, before Mixup (a curriculum's crop). The
+    ``LoadFailure`` of each file that failed to load (on this process) is added to ``failed``."""
     model.train()
     steps = len(loader)
     seen = 0
@@ -84,11 +86,13 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: Callable, sett
     bad_loss = torch.zeros((), device=settings.device)  # the last NaN / inf loss since the last check
     first_unchecked = 0
     for step, batch in enumerate(bar):
+        if failed is not None:
+            failed += batch.failed
         # a batch whose files all failed to decode (already warned) is skipped by every process together,
         # so that no process waits alone in a collective
-        if any_process(batch is None, settings.device):
+        if any_process(batch.images is None, settings.device):
             continue
-        images, targets = _to_device(batch[0], batch[1], settings)
+        images, targets = _to_device(batch.images, batch.targets, settings)
         n = images.shape[0]
         if input_transform is not None:
             images = input_transform(images)
@@ -151,17 +155,20 @@ def _world_size() -> int:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, settings: StepSettings, num_classes: int) -> dict:
+def evaluate(model: nn.Module, loader, settings: StepSettings, num_classes: int, failed: Optional[list] = None) -> dict:
     """Loss, top-1 and top-k (k = min(5, classes)) accuracy in % and macro F1 in % (scikit-learn's: the mean
-    over the classes that occur in the targets or the predictions), over every image once, all processes."""
+    over the classes that occur in the targets or the predictions), over every image once, all processes. The
+    ``LoadFailure`` of each file that failed to load (on this process) is added to ``failed``."""
     model.eval()
     k = min(5, num_classes)
     sums = torch.zeros(4, dtype=torch.float64, device=settings.device)  # loss, top-1 hits, top-k hits, images
     counts = torch.zeros(3, num_classes, dtype=torch.float64, device=settings.device)  # hits, predicted, true
     for batch in tqdm(loader, desc='eval', disable=not settings.show_progress, leave=False, dynamic_ncols=True):
-        if batch is None:
+        if failed is not None:
+            failed += batch.failed
+        if batch.images is None:
             continue
-        images, targets = _to_device(batch[0], batch[1], settings)
+        images, targets = _to_device(batch.images, batch.targets, settings)
         with autocast(settings):
             logits = model(images)
         logits = logits.float()

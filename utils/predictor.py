@@ -24,11 +24,12 @@ log = logging.getLogger('predict')
 
 @dataclass
 class Predictions:
-    """Probabilities [N, C] of the images that loaded, their files and targets (-1 when unlabelled)."""
+    """Probabilities [N, C] of the images that loaded, their files and targets (-1 when unlabelled), and the
+    (file, cause) of those that failed to load."""
     probs: np.ndarray
     paths: List[str]
     targets: np.ndarray
-    failed: List[str] = field(default_factory=list)
+    failed: List[Tuple[str, str]] = field(default_factory=list)
     images_per_s: float = 0.0
     stats: dict = field(default_factory=dict)
 
@@ -36,15 +37,18 @@ class Predictions:
 @torch.no_grad()
 def predict(model, samples: Sequence[Tuple[str, int]], data_config: dict, device, batch_size: int = 64,
             workers: int = 0, progress: bool = True) -> Predictions:
-    """Softmax probabilities for ``samples`` [(path, target)]; files that fail to decode are listed in ``failed``."""
+    """Softmax probabilities for ``samples`` [(path, target)]; files that fail to load are listed in ``failed``."""
     model.eval()
     loader = eval_loader(list(samples), eval_transform(data_config), batch_size, workers,
                          pin_memory=torch.device(device).type == 'cuda')
-    probs, indices, seconds = [], [], 0.0
+    probs, indices, failed, seconds = [], [], [], 0.0
     for batch in tqdm(loader, desc='predict', disable=not progress, leave=False, dynamic_ncols=True):
-        if batch is None:
+        for f in batch.failed:
+            log.warning('skipping %s: %s', samples[f.index][0], f.problem)
+            failed.append((samples[f.index][0], f.problem))
+        if batch.images is None:
             continue
-        images, _, index = batch
+        images, index = batch.images, batch.indices
         start = time.perf_counter()
         logits = model(images.to(device, non_blocking=True))
         probs.append(logits.float().softmax(dim=1).cpu())
@@ -53,10 +57,9 @@ def predict(model, samples: Sequence[Tuple[str, int]], data_config: dict, device
         seconds += time.perf_counter() - start
         indices.append(index)
     index = torch.cat(indices).tolist() if indices else []
-    done = set(index)
     return Predictions(probs=torch.cat(probs).numpy() if probs else np.zeros((0, 0)),
                        paths=[samples[i][0] for i in index], targets=np.array([samples[i][1] for i in index]),
-                       failed=[p for i, (p, _) in enumerate(samples) if i not in done],
+                       failed=failed,
                        images_per_s=len(index) / seconds if seconds else 0.0, stats=method_stats(model))
 
 
@@ -83,7 +86,8 @@ def write_report(weights_path, samples, class_names, output_dir, device='cpu', b
     result = predict(model, samples, meta['data_config'], device, batch_size, workers, progress)
     if len(result.paths) == 0:
         raise UserError('no image could be read; nothing to report')
-    skipped = list(skipped) + [(p, 'cannot decode') for p in result.failed]
+    known = {path for path, _ in skipped}
+    skipped = list(skipped) + [(path, why) for path, why in result.failed if path not in known]
     context = dict(checkpoint=str(weights_path), model=meta['model_name'], method=method_name(model),
                    method_cfg=method_cfg(model), unknown_classes=unknown, skipped=skipped,
                    images_per_s=result.images_per_s, method_stats=result.stats)

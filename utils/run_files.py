@@ -180,7 +180,21 @@ def recorded_split(run_dir, fresh: Split) -> Split:
 
 
 def write_skipped(path, skipped: Iterable[Tuple[str, str]]) -> None:
-    with Path(path).open('w', newline='', errors='surrogateescape') as f:  # non-UTF-8 names as their bytes
+    with replaced_atomically(path, 'w', newline='', errors='surrogateescape') as f:  # non-UTF-8 names as bytes
         writer = csv.writer(f)
         writer.writerow(['file', 'reason'])
         writer.writerows(skipped)
+
+
+def add_skipped(path, skipped: Iterable[Tuple[str, str]]) -> List[Tuple[str, str]]:
+    """Add the (file, reason) rows of ``skipped`` that ``path`` (a ``write_skipped`` file) lacks; returns them."""
+    path = Path(path)
+    rows = []
+    if path.exists():
+        with path.open(newline='', errors='surrogateescape') as f:
+            rows = [(row['file'], row['reason']) for row in csv.DictReader(f)]
+    known = {file for file, _ in rows}
+    new = list({file: (file, reason) for file, reason in skipped if file not in known}.values())
+    if new:
+        write_skipped(path, rows + new)
+    return new

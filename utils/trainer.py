@@ -15,7 +15,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from datasets.demo import make_demo_dataset
-from datasets.folder import Split, make_split
+from datasets.folder import LoadFailure, Split, make_split
 from datasets.transforms import Augmentation, data_config, eval_transform
 from models.checkpoint import finite_state, load_resume_checkpoint, make_checkpoint, save_atomic
 from models.factory import build_model, check_is_vit, load_backbone_state, model_new_params
@@ -25,7 +25,7 @@ from utils import run_files
 from utils.curriculum import Curriculum, make_curriculum
 from utils.curves import TrainingCurves, add_curves_to_report
 from utils.data import class_weights, eval_loader, train_loader
-from utils.distributed import DistInfo, any_process, barrier, cleanup, init_distributed, on_main_process
+from utils.distributed import DistInfo, any_process, barrier, cleanup, gather_lists, init_distributed, on_main_process
 from utils.engine import Diverged, StepSettings, evaluate, train_one_epoch
 from utils.optim import build_optimizer, resolve_lr
 from utils.schedule import lr_schedule, warmup_epochs
@@ -77,7 +77,7 @@ def train(args) -> Path:
     """Run the whole training described by ``args``; returns the run folder. SIGTERM / SIGINT stop it cleanly
     (``utils.stop_signals``)."""
     with stop_on_signals():
-        info = init_distributed(args.device, args.local_rank)
+        info = init_distributed(args.device, args.local_rank, args.dist_timeout)
         try:
             return _train(args, info)
         finally:
@@ -128,14 +128,18 @@ def run_epochs(run_dir: Path, args, info: DistInfo, split: Split, model, meta: d
         loader.sampler.set_epoch(epoch)
         stage = curriculum.set_epoch(epoch)  # before the loader's iterator starts: its workers read the stage
         epoch_start = time.time()
+        failed_train, failed_val = [], []
         train_stats = train_one_epoch(train_model, loader, opt.optimizer, opt.loss_fn, settings, epoch,
                                       args.epochs, opt.scheduler, opt.mixup, opt.ema, progress.num_updates,
-                                      input_transform=curriculum)
+                                      input_transform=curriculum, failed=failed_train)
         train_stats.update(stage)
         progress.num_updates = train_stats['num_updates']
-        val_stats = evaluate(model, val_loader, settings, len(split.classes))
+        val_stats = evaluate(model, val_loader, settings, len(split.classes), failed_val)
         ema_stats = evaluate(opt.ema.module, val_loader, settings, len(split.classes)) if opt.ema else None
         check_diverged(epoch, val_stats, model, opt.ema, info.device)
+        if epoch == 0:
+            failed_train += load_unmet_files(loader, split, args, info)
+        record_load_failures(run_dir, split, failed_train, failed_val, info)
         with writes_finish_first():
             end_epoch(run_dir, epoch, time.time() - epoch_start, train_stats, val_stats, ema_stats,
                       args, meta, model, opt, progress, info)
@@ -160,6 +164,39 @@ def check_diverged(epoch: int, val_stats: dict, model, ema: Optional[ModelEmaV3]
     if any_process(bool(spoiled), device):
         raise Diverged(f"{' and '.join(spoiled) or 'the weights on another process'} became NaN or infinite "
                        f"in epoch {epoch}; training stopped before saving them")
+
+
+def _no_image(img) -> int:
+    return 0
+
+
+def load_unmet_files(loader, split: Split, args, info: DistInfo) -> list:
+    """The ``LoadFailure`` of the training files that the epoch just trained did not draw on any process (a
+    dropped last batch, the class-balanced sampler), loaded here once, shared over the processes."""
+    drawn = gather_lists(list(loader.sampler)[:len(loader) * loader.batch_size])
+    unmet = sorted(set(range(len(split.train))) - set(drawn))
+    failed = []
+    if unmet:
+        for batch in eval_loader([split.train[i] for i in unmet], _no_image, args.batch_size, args.workers,
+                                 info.rank, info.world_size):
+            failed += [LoadFailure(unmet[f.index], f.problem) for f in batch.failed]
+    return failed
+
+
+def record_load_failures(run_dir: Path, split: Split, failed_train: list, failed_val: list, info: DistInfo) -> None:
+    """Files of the split that failed to load this epoch (``LoadFailure`` of any process) join skipped_files.csv
+    and ``split.skipped`` (the report lists them), on process 0; by the end of the first epoch every file was met."""
+    failed = gather_lists([(split.train[f.index][0], f.problem) for f in failed_train] +
+                          [(split.val[f.index][0], f.problem) for f in failed_val])
+    if not info.is_main or not failed:
+        return
+    new = run_files.add_skipped(run_dir / 'skipped_files.csv', failed)
+    for file, problem in new:
+        log.warning('skipping %s: %s', file, problem)
+    if new:
+        split.skipped.extend(new)
+        log.warning(f"{len(new)} files failed to load (e.g. {new[0][0]}: {new[0][1]}); {len(split.skipped)} files "
+                    f"skipped in all, listed in {run_dir / 'skipped_files.csv'}")
 
 
 def prepare_run_dir(args, info: DistInfo) -> Path:

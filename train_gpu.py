@@ -18,6 +18,7 @@ from models.registry import method_cfg_from_args
 from utils.cli_args import device_flag, method_flags, model_flags
 from utils.config import check_config, load_yaml, parse_key_values, parse_layered
 from utils.curriculum import CURRICULA
+from utils.distillation import DISTILL_TYPES
 from utils.errors import run_cli
 from utils.schedule import SCHEDULES
 from utils.selection import EVAL_METRICS
@@ -119,6 +120,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--early-stop', type=int, default=0, help='stop after N epochs without a better --eval-metric (0: off)')
     g.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=False)
     g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile the model')
+    g = p.add_argument_group('distillation (DeiT, Touvron et al. 2021; Hinton et al. 2015; see utils/distillation.py)')
+    g.add_argument('--teacher', metavar='TEACHER',
+                   help="distil from this teacher's logits: a best.pth of this toolkit on the same classes (e.g. the "
+                        "dense run's), a timm MODEL[.TAG] or hf-hub:ORG/NAME (its own weights, or --teacher-weights)")
+    g.add_argument('--teacher-weights', metavar='FILE',
+                   help='a .pth / .safetensors file of the --teacher MODEL fine-tuned on these classes')
+    g.add_argument('--distill-type', choices=DISTILL_TYPES, default='soft',
+                   help="soft: KL divergence to the teacher's probabilities at --distill-temperature; hard: "
+                        "cross-entropy with the teacher's top class as the label (DeiT's)")
+    g.add_argument('--distill-alpha', type=float, default=0.5,
+                   help='weight of the distillation term; the labels get 1 - alpha (DeiT: 0.5)')
+    g.add_argument('--distill-temperature', type=float, default=1.0, help='softmax temperature of soft (DeiT: 1.0)')
     g = p.add_argument_group('run')
     g.add_argument('--seed', type=int, default=0)
     g.add_argument('--log-interval', type=int, default=50,

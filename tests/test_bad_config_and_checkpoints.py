@@ -83,6 +83,9 @@ def _settings(args: argparse.Namespace) -> dict:
      '--shrink-epochs', '2', '--shrink-start-epoch', '1', '--no-multi-scale'],
     ['--method', 'toe', '--toe-keep-rate', '0.5', '1', '--toe-steps', '0', '0.5', '--toe-substeps', '3'],
     ['--method', 'dge', '--dge-splits', '2', '1', '--dge-budget', '0.4', '--dge-region', '2'],
+    ['--teacher', 'runs/dense/best.pth', '--distill-type', 'hard', '--distill-alpha', '0.3',
+     '--distill-temperature', '2'],
+    ['--teacher', 'deit_base_patch16_224.fb_in1k', '--teacher-weights', 'weights/teacher.pth'],
 ])
 def test_config_yaml_of_a_run_passes_the_check_unchanged(flags, tmp_path):
     args = train_gpu.parse_args(['--data-root', str(tmp_path), *flags])

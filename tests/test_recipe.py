@@ -181,11 +181,13 @@ def test_resume_with_another_eval_metric_is_refused(data, tmp_path, capsys):
 
 def test_macro_f1_is_scikit_learns():
     from sklearn.metrics import f1_score
+    from datasets.folder import Batch
     from utils.engine import StepSettings, evaluate
     x, y = torch.randn(50, 5), torch.randint(0, 5, (50,))
     x[:, 4] = -10  # class 4 is never predicted, class 3 may be absent from y
     model = torch.nn.Identity()
-    stats = evaluate(model, [(x[i:i + 16], y[i:i + 16]) for i in range(0, 50, 16)],
+    batches = [Batch(x[i:i + 16], y[i:i + 16], torch.arange(i, min(i + 16, 50)), []) for i in range(0, 50, 16)]
+    stats = evaluate(model, batches,
                      StepSettings(torch.device('cpu'), show_progress=False), 5)
     assert stats['macro_f1'] == pytest.approx(100 * f1_score(y, x.argmax(1), average='macro'))
 

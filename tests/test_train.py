@@ -81,6 +81,26 @@ def test_resume_auto_picks_newest_last(trained, tmp_path, capsys):
     assert 'last.pth' in capsys.readouterr().out
 
 
+@pytest.mark.parametrize('method', ['none', 'tome'])
+def test_distillation_from_the_dense_best(method, trained, tmp_path):
+    """--teacher best.pth of the dense run: log.csv has the teacher's time, best.pth the student alone (the keys
+    of a run without teacher); a resume builds the teacher again from its saved flags."""
+    data = make_image_folder(tmp_path / 'data', per_class=5)
+    run = tmp_path / 'run'
+    flags = ['--method', method, '--tome-r', '2'] if method == 'tome' else []
+    argv = ['--data-root', str(data), '--output-dir', str(run), *TINY_FLAGS, *flags,
+            '--teacher', str(trained / 'best.pth'), '--distill-type', 'hard', '--mixup', '0.8']
+    assert train_gpu.main([*argv, '--epochs', '1']) == 0
+    best, dense = (torch.load(r / 'best.pth', weights_only=True) for r in (run, trained))
+    if method == 'none':
+        assert best['model'].keys() == dense['model'].keys() and best.keys() == dense.keys()
+    assert not any('teacher' in key for key in best['model'])
+    assert train_gpu.main(['--resume', str(run / 'last.pth'), '--epochs', '2']) == 0
+    rows = read_log(run)
+    assert len(rows) == 2 and all(float(row['train_teacher_seconds']) > 0 for row in rows)
+    assert torch.load(run / 'last.pth', weights_only=True)['args']['teacher'] == str(trained / 'best.pth')
+
+
 def test_config_file_sets_flags_and_command_line_wins(shapes, tmp_path):
     cfg = tmp_path / 'cfg.yaml'
     cfg.write_text('epochs: 3\nlr: 0.002\nval-split: 0.3\n')
@@ -263,12 +283,15 @@ sys.exit(train_gpu.main(sys.argv[1:]))
 
 
 @pytest.mark.parametrize('method', ['tome', 'gtp', 'mtvit', 'toe', 'dge'])
-def test_every_method_trains_under_ddp(method, tmp_path):
+def test_every_method_trains_under_ddp(method, trained, tmp_path):
+    """Each with the dense run's best.pth as --teacher: an unwrapped teacher per process, on its own batch."""
     data = make_image_folder(tmp_path / 'data', per_class=10)
     run = tmp_path / 'run'
     flags = {'tome': ['--tome-r', '2'], 'gtp': ['--gtp-num-prop', '2'], 'mtvit': ['--mtvit-keep-rate', '0.5'],
              'toe': [], 'dge': []}[method]
-    result = _launch(['torch.distributed.run'], data, run, ['--method', method, *flags, '--epochs', '2'])
+    result = _launch(['torch.distributed.run'], data, run, ['--method', method, *flags, '--epochs', '2',
+                                                            '--teacher', str(trained / 'best.pth')])
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt = torch.load(run / 'last.pth', weights_only=True)
     assert ckpt['method'] == method and ckpt['epoch'] == 1
+    assert all(float(row['train_teacher_seconds']) > 0 for row in read_log(run))

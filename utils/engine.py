@@ -72,10 +72,12 @@ def check_finite(bad_loss: torch.Tensor, epoch: int, first: int, last: int, devi
 def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: Callable, settings: StepSettings,
                     epoch: int, total_epochs: int, scheduler=None, mixup=None, ema=None,
                     num_updates: int = 0, input_transform: Optional[Callable] = None,
-                    failed: Optional[list] = None) -> dict:
+                    failed: Optional[list] = None, loss_term: Optional[Callable] = None) -> dict:
     """Train one epoch; returns mean loss, lr, global images/s, updates done, and the method's stats.
     ``input_transform`` changes each batch of images on the device, before Mixup (a curriculum's crop). The
-    ``LoadFailure`` of each file that failed to load (on this process) is added to ``failed``."""
+    ``LoadFailure`` of each file that failed to load (on this process) is added to ``failed``.
+    ``loss_term(images, logits, loss)`` returns the loss with a run's term on the same images (a teacher's
+    distillation, ``utils.distillation``)."""
     model.train()
     steps = len(loader)
     seen = 0
@@ -103,7 +105,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: Callable, sett
         sync = contextlib.nullcontext() if last_micro or not hasattr(model, 'no_sync') else model.no_sync()
         with sync:
             with autocast(settings):
-                loss = loss_fn(model(images), targets)
+                logits = model(images)
+                loss = loss_fn(logits, targets)
+                if loss_term is not None:
+                    loss = loss_term(images, logits, loss)
                 added = extra_loss(model)
                 if added is not None:
                     loss = loss + added

@@ -7,7 +7,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from timm.data import Mixup
@@ -25,6 +25,7 @@ from utils import run_files
 from utils.curriculum import Curriculum, make_curriculum
 from utils.curves import TrainingCurves, add_curves_to_report
 from utils.data import class_weights, eval_loader, train_loader
+from utils.distillation import load_teacher, make_distillation
 from utils.distributed import DistInfo, any_process, barrier, cleanup, gather_lists, init_distributed, on_main_process
 from utils.engine import Diverged, StepSettings, evaluate, train_one_epoch
 from utils.optim import build_optimizer, resolve_lr
@@ -92,6 +93,7 @@ def _train(args, info: DistInfo) -> Path:
     resume_ckpt = load_resume_checkpoint(args.resume) if args.resume else None
     lr, warmup = resolve_lr(args, info.world_size), warmup_epochs(args)  # a bad flag is refused before the run folder
     check_is_vit(args.model)  # and a model that is not a ViT, before the demo data too
+    teacher = load_teacher(args, info.device)  # and a --teacher that does not load
     run_dir = prepare_run_dir(args, info)
     progress, started = Progress.of(resume_ckpt, args.resume), False
     try:
@@ -104,6 +106,7 @@ def _train(args, info: DistInfo) -> Path:
         curriculum.check_model(model, args.method)
         loader, val_loader = make_loaders(args, split, meta['data_config'], info, curriculum)
         opt = build_optimisation(args, model, loader, split, lr.value, warmup, info.device)
+        opt.loss_term = make_distillation(teacher, args, split.classes, meta['data_config'], info.device)
         if resume_ckpt:
             resume(resume_ckpt, args, model, opt, progress, info)
         started = True
@@ -131,8 +134,10 @@ def run_epochs(run_dir: Path, args, info: DistInfo, split: Split, model, meta: d
         failed_train, failed_val = [], []
         train_stats = train_one_epoch(train_model, loader, opt.optimizer, opt.loss_fn, settings, epoch,
                                       args.epochs, opt.scheduler, opt.mixup, opt.ema, progress.num_updates,
-                                      input_transform=curriculum, failed=failed_train)
+                                      input_transform=curriculum, failed=failed_train, loss_term=opt.loss_term)
         train_stats.update(stage)
+        if opt.loss_term is not None:
+            train_stats.update(opt.loss_term.epoch_stats())
         progress.num_updates = train_stats['num_updates']
         val_stats = evaluate(model, val_loader, settings, len(split.classes), failed_val)
         ema_stats = evaluate(opt.ema.module, val_loader, settings, len(split.classes)) if opt.ema else None
@@ -282,7 +287,7 @@ def make_loaders(args, split: Split, cfg: dict, info: DistInfo, curriculum: Curr
 
 @dataclass
 class Optimisation:
-    """What turns losses into updates: optimizer, per-step schedule, AMP, EMA, Mixup and the loss."""
+    """What turns losses into updates: optimizer, per-step schedule, AMP, EMA, Mixup and the loss (and its term)."""
     optimizer: torch.optim.Optimizer
     scheduler: object
     updates_per_epoch: int
@@ -291,6 +296,7 @@ class Optimisation:
     ema: Optional[ModelEmaV3]
     mixup: Optional[Mixup]
     loss_fn: nn.Module
+    loss_term: Optional[Callable] = None  # a term on the same images: a --teacher's (utils.distillation)
 
 
 def build_optimisation(args, model, loader, split: Split, lr: float, warmup: float,

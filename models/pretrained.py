@@ -86,6 +86,13 @@ def _from_cfg(cfg) -> HubWeights:
     return HubWeights(variant, variant, cfg.hf_hub_id)
 
 
+def names_a_file(value: str) -> bool:
+    """Whether a weights value (--pretrained, --teacher) names a file: an existing path always does, and so does a
+    value that looks like a path (a ``/``, or a weights file's ending) unless it is ``hf-hub:ORG/NAME``."""
+    return os.path.exists(value) or not value.startswith(HF_HUB_PREFIX) and (
+        '/' in value or os.sep in value or value.endswith(FILE_ENDINGS))
+
+
 def wants_weights(value: Union[str, bool, None]) -> bool:
     """Whether a --pretrained value asks for weights (None, False, '' and 'none' do not)."""
     return value not in (None, False, '', SCRATCH)
@@ -119,12 +126,10 @@ def resolve_pretrained(model_name: str, value: Union[str, bool, None]) -> Union[
                             f"that has some (timm.list_pretrained())")
         return _from_cfg(cfg)
     value = str(value)
-    if os.path.exists(value):
+    if names_a_file(value):
         return value
     if value.startswith(HF_HUB_PREFIX):
         return HubWeights(value, model_name, value[len(HF_HUB_PREFIX):])
-    if '/' in value or os.sep in value or value.endswith(FILE_ENDINGS):
-        return value
     cfg = _timm_cfg(f'{arch}.{value}') or _timm_cfg(value)
     if cfg is None:
         raise UserError(f"'{value}' is neither a weights file nor a timm pretrained tag: no such file, and the tags "

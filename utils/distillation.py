@@ -34,7 +34,7 @@ from timm.task import DistillationTeacher
 
 from models.checkpoint import finite_state, is_toolkit_checkpoint, read_checkpoint
 from models.factory import model_from_checkpoint
-from models.pretrained import FILE_ENDINGS, HF_HUB_PREFIX
+from models.pretrained import HF_HUB_PREFIX, names_a_file
 from utils.errors import UserError
 
 log = logging.getLogger('train')
@@ -86,9 +86,7 @@ def load_teacher(args, device: torch.device) -> Optional[Teacher]:
     if args.distill_temperature <= 0:
         raise UserError(f'--distill-temperature must be above 0 (got {args.distill_temperature}; DeiT: 1.0)')
     value = str(args.teacher)
-    is_file = not value.startswith(HF_HUB_PREFIX) and (
-        os.path.exists(value) or '/' in value or os.sep in value or value.endswith(FILE_ENDINGS))
-    teacher = _from_checkpoint(value, args.teacher_weights) if is_file else _from_timm(value, args.teacher_weights)
+    teacher = (_from_checkpoint if names_a_file(value) else _from_timm)(value, args.teacher_weights)
     teacher.module.to(device).requires_grad_(False).eval()
     return teacher
 

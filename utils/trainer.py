@@ -172,6 +172,7 @@ def check_diverged(epoch: int, val_stats: dict, model, ema: Optional[ModelEmaV3]
 
 
 def _no_image(img) -> int:
+    """A transform that drops the decoded image: ``load_unmet_files`` only asks whether each file loads."""
     return 0
 
 

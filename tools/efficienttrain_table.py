@@ -11,14 +11,13 @@ table gives the last epoch's validation top-1 (mean, standard deviation and rang
 time of a whole run (the process, start to end) and the speed-up against dense.
 """
 import argparse
-import csv
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.training_runs import mean_spread, train  # noqa: E402
+
 TOE = ['--method', 'toe', '--toe-keep-rate', '0.6', '0.8', '1.0', '--toe-init-keep-rate', '0.3',
        '--toe-steps', '0', '0.3333', '0.6667', '--toe-substeps', '2']
 SETTINGS = {'dense': [], 'EfficientTrain': ['--curriculum', 'efficienttrain'], 'ToE': TOE,
@@ -28,15 +27,10 @@ SETTINGS = {'dense': [], 'EfficientTrain': ['--curriculum', 'efficienttrain'], '
 def run(data: Path, out: Path, name: str, seed: int, args) -> tuple:
     """(last epoch's top-1, wall seconds) of one training run."""
     folder = out / f"{name.replace(' + ', '+')}-seed{seed}"
-    command = [sys.executable, str(REPO / 'train_gpu.py'), '--data-root', str(data), '--output-dir', str(folder),
-               '--model', args.model, '--img-size', str(args.img_size), '--epochs', str(args.epochs),
-               '--batch-size', str(args.batch_size), '--workers', str(args.workers), '--seed', str(seed),
-               '--aa', 'rand-m9-mstd0.5-inc1', '--clip-grad', '5', '--pretrained', 'none', '--no-report',
-               *SETTINGS[name], *args.extra]
-    start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    seconds = time.perf_counter() - start
-    rows = list(csv.DictReader((folder / 'log.csv').open()))
+    rows, seconds = train(folder, ['--data-root', str(data), '--model', args.model, '--img-size', str(args.img_size),
+                                   '--batch-size', str(args.batch_size), '--workers', str(args.workers),
+                                   '--seed', str(seed), '--aa', 'rand-m9-mstd0.5-inc1', '--clip-grad', '5',
+                                   '--pretrained', 'none', '--no-report', *SETTINGS[name], *args.extra], args.epochs)
     return float(rows[-1]['top1']), seconds
 
 
@@ -45,9 +39,8 @@ def table(results: dict) -> str:
     lines = ['| setting | top-1 % (mean ± std) | top-1 range | wall time (s) | speed-up vs dense |',
              '|---|---|---|---|---|']
     for name, (top1, seconds) in results.items():
-        spread = statistics.stdev(top1) if len(top1) > 1 else 0.0
-        wall = statistics.mean(seconds)
-        lines.append(f'| {name} | {statistics.mean(top1):.2f} ± {spread:.2f} | {min(top1):.2f}-{max(top1):.2f} | '
+        (mean, spread), wall = mean_spread(top1), statistics.mean(seconds)
+        lines.append(f'| {name} | {mean:.2f} ± {spread:.2f} | {min(top1):.2f}-{max(top1):.2f} | '
                      f'{wall:.0f} | {dense / wall:.2f}x |')
     return '\n'.join(lines)
 

@@ -84,12 +84,19 @@ def test_a_file_of_another_class_count_keeps_its_head_and_a_method_applies(hub, 
 
 
 class Handler(SimpleHTTPRequestHandler):
-    """Files of its folder; /slow answers only when the test is over (after the client's timeout)."""
+    """Files of its folder; /slow answers only when the test is over (after the client's timeout); /cut sends
+    less than the length it announces."""
     released = threading.Event()
 
     def do_GET(self):
         if self.path == '/slow':
             self.released.wait(10)
+            return
+        if self.path == '/cut':
+            self.send_response(200)
+            self.send_header('Content-Length', '1000')
+            self.end_headers()
+            self.wfile.write(b'\x89PNG')
             return
         super().do_GET()
 
@@ -120,15 +127,16 @@ def test_image_urls_are_fetched_and_each_failure_is_one_warning(hub, server, tmp
     www, url = server
     Image.open(images[1]).save(www / 'good.png')
     (www / 'notes.txt').write_text('not an image')
-    urls = [f'{url}/good.png', f'{url}/missing.png', f'{url}/notes.txt', f'{url}/slow']
+    urls = [f'{url}/good.png', f'{url}/missing.png', f'{url}/notes.txt', f'{url}/slow', f'{url}/cut']
     out = tmp_path / 'out'
     assert predict.main([*MODEL, '--images', images[0], *urls, '--url-timeout', '0.5', '--output-dir', str(out)]) == 0
     captured = capsys.readouterr()
     warnings = [line for line in captured.err.splitlines() if line.startswith('skipping')]
     assert warnings == [f'skipping {url}/missing.png: HTTP 404 File not found',
                         f'skipping {url}/slow: no answer within 0.5 s (--url-timeout)',
+                        f'skipping {url}/cut: the connection closed after 4 of 1000 bytes',
                         f'skipping {url}/notes.txt: not a readable image (UnidentifiedImageError)']
-    assert f'{url}/good.png: goldfish' in captured.out and '2 images classified, 3 skipped' in captured.out
+    assert f'{url}/good.png: goldfish' in captured.out and '2 images classified, 4 skipped' in captured.out
     table = pd.read_csv(out / 'predictions.csv', keep_default_na=False)
     assert list(table['file']) == [images[0], f'{url}/good.png']
     assert table.loc[1, 'confidence'] == pytest.approx(reference_probs(state, images[1]).max().item(), abs=1e-5)

@@ -4,6 +4,7 @@ A URL is fetched with urllib (no other dependency), with a timeout and a size bo
 an HTTP error, too large) is skipped with its cause and the others go on. Whether what came back is an image is
 ``datasets.images.check_image``'s to say, as for a file.
 """
+import http.client
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -39,15 +40,19 @@ def fetch(url: str, path: Path, timeout: float) -> str:
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             data = response.read(MAX_DOWNLOAD_BYTES + 1)
+            unsent = response.length  # bytes its Content-Length announced that did not come (None: none announced)
     except urllib.error.HTTPError as err:
         return f'HTTP {err.code} {err.reason}'
-    except (urllib.error.URLError, OSError, ValueError) as err:  # no server, no answer, a malformed URL
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as err:
+        # no server or no answer, a malformed URL, a server that does not speak HTTP
         reason = err.reason if isinstance(err, urllib.error.URLError) else err
         if isinstance(reason, TimeoutError):
             return f'no answer within {timeout:g} s (--url-timeout)'
         return f'cannot fetch it ({reason})'
     if len(data) > MAX_DOWNLOAD_BYTES:
         return f'larger than {MAX_DOWNLOAD_BYTES // 2 ** 20} MB, not fetched; download it and pass the file'
+    if unsent:
+        return f'the connection closed after {len(data)} of {len(data) + unsent} bytes'
     path.write_bytes(data)
     return ''
 

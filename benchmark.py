@@ -28,7 +28,8 @@ from utils.profiling import machine_description
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser('benchmark.py', description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                parents=[model_flags('deit_small_patch16_224'), weights_flag(required=False),
+                                parents=[model_flags('deit_small_patch16_224'),
+                                         weights_flag(required=False, note=': rows use its weights (and model)'),
                                          device_flag()])
     p.add_argument('--img-size', type=int, default=224)
     p.add_argument('--methods', nargs='*', default=None,

@@ -1,10 +1,13 @@
-"""Evaluate a checkpoint on a labelled folder (plots, tables, an HTML page) or classify image files.
+"""Evaluate a checkpoint on a labelled folder (plots, tables, an HTML page) or classify image files and URLs.
 
     python predict.py --weights runs/NAME/best.pth --data-root DIR            # report of a labelled folder
     python predict.py --weights best.pth --images a.jpg b.png folder/ --topk 3  # classify files
+    python predict.py --weights best.pth --images https://host/cat.jpg --format json  # URLs too; predictions.json
     python predict.py --weights best.pth --data-root DIR --method tome --tome-r 8  # with a method switched on
+    python predict.py --model deit_small_patch16_224 --pretrained --images a.jpg   # a timm model, ImageNet classes
 
-Everything about the model comes from the checkpoint.
+Everything about the model comes from the checkpoint, or for --model from timm (its weights' input description,
+ImageNet class names when its head has ImageNet's classes).
 """
 import argparse
 import sys
@@ -13,7 +16,7 @@ from pathlib import Path
 
 
 from models.registry import method_override
-from utils.cli_args import device_flag, method_flags, weights_flag
+from utils.cli_args import device_flag, method_flags, model_flags, weights_flag
 from utils.config import given_flags
 from utils.errors import UserError, run_cli
 
@@ -21,12 +24,23 @@ from utils.errors import UserError, run_cli
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser('predict.py', description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                parents=[weights_flag(), device_flag(), method_flags(override=True)])
+                                parents=[weights_flag(required=False, note='; or --model'), model_flags(None),
+                                         device_flag(), method_flags(override=True)])
+    p.add_argument('--pretrained', nargs='?', const=True, metavar='WEIGHTS',
+                   help="with --model, the weights to predict with: not given or alone, the model's default timm "
+                        "weights; a timm tag, hf-hub:ORG/NAME or a .pth / .safetensors file (as train_gpu.py's)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument('--data-root', help='labelled folder (class sub-folders, or a root with val/)')
-    source.add_argument('--images', nargs='+', help='image files or folders to classify')
-    p.add_argument('--output-dir', help='default: predict-<name>-<time> next to the weights')
-    p.add_argument('--topk', type=int, default=5, help='classes listed per image with --images')
+    source.add_argument('--images', nargs='+', help='image files, folders or http(s):// URLs to classify')
+    p.add_argument('--output-dir', help='default: predict-<name>-<time> next to the weights (with --model: here)')
+    p.add_argument('--topk', type=int, default=5,
+                   help='classes listed per image with --images; the top-k accuracy of a labelled folder')
+    p.add_argument('--format', choices=('csv', 'json'), default='csv',
+                   help='--images: the predictions file, predictions.csv (every class probability) or '
+                        'predictions.json (the top-k per image); the terminal shows the top-k either way')
+    p.add_argument('--url-timeout', type=float, default=30.0, help='seconds to wait for an image URL')
+    p.add_argument('--amp', action=argparse.BooleanOptionalAction, default=True,
+                   help='mixed precision on CUDA (bf16 where supported, else fp16); full precision on the CPU')
     p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--token-maps', action='store_true', help='draw what the method did to the tokens')
@@ -34,11 +48,44 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def default_output(weights: str, name: str) -> Path:
-    return Path(weights).resolve().parent / f"predict-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+def check_source(args) -> None:
+    """One model source: a checkpoint (--weights) or a timm model (--model, its flags only with it)."""
+    from models.pretrained import wants_weights
+    if bool(args.weights) == bool(args.model):
+        raise UserError('give either --weights (a checkpoint of train_gpu.py) or --model (a timm model with its timm '
+                        'weights, e.g. --model deit_small_patch16_224 --pretrained)')
+    if args.weights and (args.pretrained is not None or args.model_kwargs):
+        raise UserError('--pretrained and --model-kwargs go with --model; a --weights checkpoint holds its own')
+    if args.model and args.data_root:
+        raise UserError('--model classifies --images; a labelled --data-root is scored with --weights, a checkpoint '
+                        'of train_gpu.py trained on its classes')
+    if args.model and args.pretrained is not None and not wants_weights(args.pretrained):
+        raise UserError('--model predicts with trained weights: give --pretrained alone (its timm weights), a tag, '
+                        'hf-hub:ORG/NAME or a weights file')
+    if args.topk < 1:
+        raise UserError(f'--topk must be at least 1 (got {args.topk})')
 
 
-def run_labelled(args, method, cfg, device) -> None:
+def load_model(args, method, cfg, device):
+    """(model, metadata) of the checkpoint (--weights) or of the timm model with its weights (--model)."""
+    if args.weights:
+        from models.factory import load_for_inference
+        return load_for_inference(args.weights, device, method, cfg)
+    from models.pretrained import describe_weights
+    from utils.config import parse_key_values
+    from utils.predictor import load_timm_for_inference
+    pretrained = True if args.pretrained is None else args.pretrained
+    print(describe_weights(args.model, pretrained), file=sys.stderr)
+    return load_timm_for_inference(args.model, pretrained, device, method, cfg, parse_key_values(args.model_kwargs))
+
+
+def default_output(weights, name: str) -> Path:
+    """predict-<name>-<time> next to the checkpoint, or in the current folder for a timm model (--model)."""
+    folder = Path(weights).resolve().parent if weights else Path.cwd()
+    return folder / f"predict-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_labelled(args, method, cfg, device, amp_dtype) -> None:
     from datasets.folder import labelled_root, scan_classes
     from utils.predictor import write_report
     from utils.report import read_report_csv
@@ -50,11 +97,11 @@ def run_labelled(args, method, cfg, device) -> None:
         raise UserError(f"no readable images in class folders under '{root}'; expected {root}/<class>/<image>")
     out = Path(args.output_dir) if args.output_dir else default_output(args.weights, Path(args.data_root).name)
     summary = write_report(args.weights, scan.samples, scan.classes, out, device, args.batch_size, args.workers,
-                           method, cfg, scan.skipped)
+                           method, cfg, scan.skipped, top_k=args.topk, amp_dtype=amp_dtype)
     if args.token_maps:
         from utils.report import add_plot
         picked = scan.samples[::max(1, len(scan.samples) // args.n_visualization)][:args.n_visualization]
-        draw_token_maps(args, method, cfg, device, [p for p, _ in picked], out)
+        draw_token_maps(*load_model(args, method, cfg, device), [p for p, _ in picked], out, args.n_visualization)
         add_plot(out, 'Token maps', 'token_maps.png')
     table = read_report_csv(out / 'per_class_report.csv')
     print(table.to_string(float_format=lambda v: f'{v:.4f}'))
@@ -63,42 +110,38 @@ def run_labelled(args, method, cfg, device) -> None:
           f"report: {out / 'report.html'}")
 
 
-def run_images(args, method, cfg, device) -> None:
+def run_images(args, method, cfg, device, amp_dtype) -> None:
+    import tempfile
     from datasets.images import check_image
-    from models.factory import load_for_inference
-    from utils.predictor import predict
-    from utils.report import predictions_table, write_predictions
-    from datasets.folder import image_files
-    files = image_files(args.images)
-    bad = [(f, why) for f in files if (why := check_image(Path(f)))]
-    for f, why in bad:
-        print(f'skipping {f}: {why}', file=sys.stderr)
-    good = [f for f in files if f not in dict(bad)]
-    if not good:
-        raise UserError('none of the --images could be read')
-    model, meta = load_for_inference(args.weights, device, method, cfg)
-    result = predict(model, [(f, -1) for f in good], meta['data_config'], device, args.batch_size, args.workers)
-    if not result.paths:
-        raise UserError(f'none of the {len(files)} --images could be decoded (truncated or corrupt files)')
-    names = meta['class_names']
-    k = min(args.topk, len(names))
-    for path, p in zip(result.paths, result.probs):
-        top = p.argsort()[::-1][:k]
-        print(f"{path}: " + ', '.join(f'{names[i]} {p[i]:.3f}' for i in top))
-    out = Path(args.output_dir) if args.output_dir else default_output(args.weights, 'images')
-    out.mkdir(parents=True, exist_ok=True)
-    write_predictions(predictions_table(result.probs, result.targets, result.paths, names).drop(columns=['true']),
-                      out / 'predictions.csv')
-    if args.token_maps:
-        draw_token_maps(args, method, cfg, device, result.paths[:args.n_visualization], out)
-    print(f"{len(result.paths)} images classified, {len(bad) + len(result.failed)} skipped; {out / 'predictions.csv'}")
+    from utils.image_sources import gather_images
+    from utils.predictor import predict, top_classes, write_image_predictions
+    with tempfile.TemporaryDirectory(prefix='predict-urls-') as fetched:  # URLs' images, gone after the run
+        sources = gather_images(args.images, Path(fetched), args.url_timeout)
+        unreadable = {f: why for f in sources.files if (why := check_image(Path(f)))}
+        skipped = sources.failed + [(sources.name(f), why) for f, why in unreadable.items()]
+        for name, why in skipped:
+            print(f'skipping {name}: {why}', file=sys.stderr)
+        good = [f for f in sources.files if f not in unreadable]
+        if not good:
+            raise UserError('none of the --images could be read')
+        model, meta = load_model(args, method, cfg, device)
+        result = predict(model, [(f, -1) for f in good], meta['data_config'], device, args.batch_size, args.workers,
+                         amp_dtype=amp_dtype)
+        if not result.paths:
+            raise UserError(f'none of the {len(good)} --images could be decoded (truncated or corrupt files)')
+        names, shown = meta['class_names'], [sources.name(p) for p in result.paths]
+        for name, top in zip(shown, top_classes(result.probs, names, args.topk)):
+            print(f"{name}: " + ', '.join(f'{n} {p:.3f}' for n, p in top))
+        out = Path(args.output_dir) if args.output_dir else default_output(args.weights, 'images')
+        written = write_image_predictions(result.probs, shown, names, out, args.format, args.topk)
+        if args.token_maps:
+            draw_token_maps(model, meta, result.paths[:args.n_visualization], out, args.n_visualization)
+    print(f"{len(result.paths)} images classified, {len(skipped) + len(result.failed)} skipped; {written}")
 
 
-def draw_token_maps(args, method, cfg, device, files, out: Path) -> None:
-    from models.factory import load_for_inference
+def draw_token_maps(model, meta, files, out: Path, n: int) -> None:
     from utils.token_maps import write_token_maps
-    model, meta = load_for_inference(args.weights, device, method, cfg)
-    print(f"token maps: {write_token_maps(model, files, meta['data_config'], out, args.n_visualization)}")
+    print(f"token maps: {write_token_maps(model, files, meta['data_config'], out, n)}")
 
 
 def main(argv=None) -> int:
@@ -106,8 +149,12 @@ def main(argv=None) -> int:
 
     def run():
         from utils.distributed import pick_device
+        from utils.trainer import amp_settings
+        check_source(args)
         method, cfg = method_override(args, given_flags(get_args_parser, argv))
-        (run_labelled if args.data_root else run_images)(args, method, cfg, pick_device(args.device))
+        device = pick_device(args.device)
+        amp_dtype = amp_settings(args.amp, device)[0]  # None on the CPU
+        (run_labelled if args.data_root else run_images)(args, method, cfg, device, amp_dtype)
     return run_cli(run)
 
 

@@ -23,6 +23,27 @@ def _offline_hub(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(cache))
 
 
+def put_hub_weights(cache, repo_id: str, state: dict) -> None:
+    """Write ``state`` into the Hugging Face cache folder ``cache`` as repository ``repo_id``'s model.safetensors:
+    refs/main and snapshots/<commit>/, all that timm's load_state_dict_from_hf reads offline."""
+    from pathlib import Path
+    from safetensors.torch import save_file
+    repo, commit = Path(cache) / f"models--{repo_id.replace('/', '--')}", 'c0ffee' * 6 + 'c0de'
+    (repo / 'refs').mkdir(parents=True)
+    (repo / 'refs' / 'main').write_text(commit)
+    (repo / 'snapshots' / commit).mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(repo / 'snapshots' / commit / 'model.safetensors'))
+
+
+def use_hub_cache(monkeypatch, cache) -> None:
+    """Point huggingface_hub at the cache folder ``cache``, offline."""
+    from huggingface_hub import constants
+    monkeypatch.setenv('HF_HUB_CACHE', str(cache))
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(cache))  # read when huggingface_hub is imported
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+
+
 def make_image_folder(root, classes=('checker', 'stripes_h', 'stripes_v'), per_class=20, size=32, seed=0):
     """Write ``root/<class>/*.png`` of generated textures (learnable: the class is the texture)."""
     import numpy as np

@@ -7,11 +7,9 @@ import pytest
 import timm
 import torch
 import yaml
-from huggingface_hub import constants
-from safetensors.torch import save_file
 
 import train_gpu
-from conftest import TINY, TINY_FLAGS, make_image_folder
+from conftest import TINY, TINY_FLAGS, make_image_folder, put_hub_weights, use_hub_cache
 from datasets.transforms import data_config
 from models import build_model
 from utils.errors import UserError
@@ -26,17 +24,10 @@ def hub(tmp_path, monkeypatch):
     cache = tmp_path / 'hf' / 'hub'
     cache.mkdir(parents=True)
     monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf'))
-    monkeypatch.setenv('HF_HUB_CACHE', str(cache))
-    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(cache))  # read when huggingface_hub is imported
-    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    use_hub_cache(monkeypatch, cache)
 
     def put(repo_id: str, state: dict) -> None:
-        repo, commit = cache / f"models--{repo_id.replace('/', '--')}", 'c0ffee' * 6 + 'c0de'
-        (repo / 'refs').mkdir(parents=True)
-        (repo / 'refs' / 'main').write_text(commit)
-        (repo / 'snapshots' / commit).mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(repo / 'snapshots' / commit / 'model.safetensors'))
+        put_hub_weights(cache, repo_id, state)
     put.cache = cache
     return put
 

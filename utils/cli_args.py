@@ -31,11 +31,11 @@ def method_flags(override: bool) -> argparse.ArgumentParser:
     return p
 
 
-def weights_flag(required: bool = True) -> argparse.ArgumentParser:
-    """--weights, a checkpoint of train_gpu.py (predict.py, export.py; optional in benchmark.py)."""
+def weights_flag(required: bool = True, note: str = '') -> argparse.ArgumentParser:
+    """--weights, a checkpoint of train_gpu.py (export.py; optional in benchmark.py and predict.py, whose ``note``
+    says what it does there)."""
     p = _parent()
-    p.add_argument('--weights', required=required, help='a best.pth / last.pth written by train_gpu.py'
-                   + ('' if required else ': rows use its weights (and model)'))
+    p.add_argument('--weights', required=required, help='a best.pth / last.pth written by train_gpu.py' + note)
     return p
 
 

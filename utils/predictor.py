@@ -1,8 +1,12 @@
-"""Run a checkpoint over images: class probabilities, the report of a labelled set, top-k of unlabelled files.
+"""Run a model over images: class probabilities, the report of a labelled set, top-k of unlabelled files.
 
-Everything about the model (name, method, classes, input size and normalisation) comes from the checkpoint.
-A labelled folder's classes are matched to the checkpoint's by name, never by position.
+The model is a checkpoint of this toolkit, whose every detail (name, method, classes, input size and
+normalisation) it holds, or a stock timm model with its timm weights (``load_timm_for_inference``), whose input
+description comes from its timm pretrained config and class names from timm's ImageNet info. A labelled
+folder's classes are matched to the checkpoint's by name, never by position. On CUDA the forward may run under
+autocast (``amp_dtype``); on the CPU it stays in full precision.
 """
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -11,11 +15,14 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from timm.data import ImageNetInfo, infer_imagenet_subset
 from tqdm import tqdm
 
-from datasets.transforms import eval_transform
+from datasets.transforms import data_config, eval_transform
+from models.checkpoint import is_toolkit_checkpoint, read_checkpoint
+from models.factory import build_model, load_for_inference
+from models.pretrained import HubWeights, resolve_pretrained
 from models.registry import method_cfg, method_name, method_stats
-from models.factory import load_for_inference
 from utils.data import eval_loader
 from utils.errors import UserError
 
@@ -36,11 +43,14 @@ class Predictions:
 
 @torch.no_grad()
 def predict(model, samples: Sequence[Tuple[str, int]], data_config: dict, device, batch_size: int = 64,
-            workers: int = 0, progress: bool = True) -> Predictions:
-    """Softmax probabilities for ``samples`` [(path, target)]; files that fail to load are listed in ``failed``."""
+            workers: int = 0, progress: bool = True, amp_dtype: Optional[torch.dtype] = None) -> Predictions:
+    """Softmax probabilities for ``samples`` [(path, target)]; files that fail to load are listed in ``failed``.
+    ``amp_dtype`` (bf16 / fp16, CUDA only) runs the forward under autocast; the softmax is in float32."""
     model.eval()
+    device = torch.device(device)
     loader = eval_loader(list(samples), eval_transform(data_config), batch_size, workers,
-                         pin_memory=torch.device(device).type == 'cuda')
+                         pin_memory=device.type == 'cuda')
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     probs, indices, failed, seconds = [], [], [], 0.0
     for batch in tqdm(loader, desc='predict', disable=not progress, leave=False, dynamic_ncols=True):
         for f in batch.failed:
@@ -50,9 +60,10 @@ def predict(model, samples: Sequence[Tuple[str, int]], data_config: dict, device
             continue
         images, index = batch.images, batch.indices
         start = time.perf_counter()
-        logits = model(images.to(device, non_blocking=True))
+        with autocast:
+            logits = model(images.to(device, non_blocking=True))
         probs.append(logits.float().softmax(dim=1).cpu())
-        if torch.device(device).type == 'cuda':
+        if device.type == 'cuda':
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - start
         indices.append(index)
@@ -61,6 +72,69 @@ def predict(model, samples: Sequence[Tuple[str, int]], data_config: dict, device
                        paths=[samples[i][0] for i in index], targets=np.array([samples[i][1] for i in index]),
                        failed=failed,
                        images_per_s=len(index) / seconds if seconds else 0.0, stats=method_stats(model))
+
+
+def timm_class_names(model) -> List[str]:
+    """A stock timm model's class names: its pretrained config's ``label_names``, else ImageNet's (timm's
+    ``ImageNetInfo``, e.g. 'tench, Tinca tinca') when its head has the class count of an ImageNet subset, else
+    class_0, class_1, ..."""
+    count = model.num_classes
+    labels = model.pretrained_cfg.get('label_names')
+    if labels and len(labels) == count:
+        return list(labels)
+    subset = infer_imagenet_subset(model)
+    if subset:
+        info = ImageNetInfo(subset)
+        return [info.index_to_description(i) for i in range(count)]
+    return [f'class_{i}' for i in range(count)]
+
+
+def load_timm_for_inference(name: str, pretrained, device='cpu', method: Optional[str] = None,
+                            method_settings: Optional[dict] = None, model_kwargs: Optional[dict] = None):
+    """(model in eval mode on ``device``, metadata as a checkpoint's) of the timm model ``name`` with the weights
+    ``pretrained`` names (True: its default timm weights; a tag, hf-hub:ORG/NAME or a file: ``models.pretrained``),
+    their whole classifier included, and ``method`` applied. Its input description is the weights' timm config's."""
+    weights = resolve_pretrained(name, pretrained)
+    hub = isinstance(weights, HubWeights)
+    label = weights.label if hub else weights
+    state = weights.state_dict() if hub else read_checkpoint(weights)
+    if is_toolkit_checkpoint(state):
+        raise UserError(f"'{label}' is a checkpoint of this toolkit; pass it as --weights {label}")
+    state = state.get('model', state.get('state_dict', state))  # DeiT's files hold {'model': ...}
+    if 'head.weight' not in state:
+        raise UserError(f"the weights in '{label}' have no classifier (a feature extractor): nothing to predict "
+                        f"with; fine-tune them on your classes with train_gpu.py --pretrained {label}")
+    model = build_model(name, method or 'none', method_settings, num_classes=state['head.weight'].shape[0],
+                        pretrained=pretrained, **(model_kwargs or {}))
+    # timm re-initialises a head whose class count differs from its pretrained config's: the file's head is the model's
+    model.load_state_dict({k: v for k, v in state.items() if k.startswith(('head.', 'head_dist.'))}, strict=False)
+    meta = dict(model_name=name, model_kwargs=dict(model_kwargs or {}), method=method_name(model),
+                method_cfg=method_cfg(model), num_classes=model.num_classes, class_names=timm_class_names(model),
+                data_config=data_config(model, model.patch_embed.img_size[-1]))
+    return model.to(device).eval(), meta
+
+
+def top_classes(probs: np.ndarray, names: Sequence[str], k: int) -> List[List[Tuple[str, float]]]:
+    """The ``k`` most probable (class name, probability) of each row of ``probs`` [N, C], most probable first."""
+    order = np.argsort(-probs, axis=1, kind='stable')[:, :min(k, len(names))]
+    return [[(names[i], float(row[i])) for i in top] for row, top in zip(probs, order)]
+
+
+def write_image_predictions(probs: np.ndarray, files: Sequence[str], names: Sequence[str], out: Path, fmt: str,
+                            k: int) -> Path:
+    """The predictions of unlabelled images, as ``out``/predictions.csv (file, predicted, confidence, every class's
+    probability) or predictions.json (per image: file, predicted, confidence, its top-``k`` classes)."""
+    from utils.report import predictions_table, write_predictions
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == 'csv':
+        table = predictions_table(probs, np.full(len(files), -1), list(files), list(names)).drop(columns=['true'])
+        write_predictions(table, out / 'predictions.csv')
+        return out / 'predictions.csv'
+    rows = [dict(file=f, predicted=top[0][0], confidence=top[0][1],
+                 top_k=[dict(name=n, probability=p) for n, p in top])
+            for f, top in zip(files, top_classes(probs, names, k))]
+    (out / 'predictions.json').write_text(json.dumps(rows, indent=2))
+    return out / 'predictions.json'
 
 
 def map_to_checkpoint_classes(samples, data_classes: Sequence[str], ckpt_classes: Sequence[str]):
@@ -78,12 +152,14 @@ def map_to_checkpoint_classes(samples, data_classes: Sequence[str], ckpt_classes
 
 def write_report(weights_path, samples, class_names, output_dir, device='cpu', batch_size: int = 64,
                  workers: int = 0, method: Optional[str] = None, method_cfg_override: Optional[dict] = None,
-                 skipped: Sequence[Tuple[str, str]] = (), progress: bool = True) -> dict:
-    """Predict ``samples`` (indices into ``class_names``) with the checkpoint and write the full report."""
+                 skipped: Sequence[Tuple[str, str]] = (), progress: bool = True, top_k: int = 5,
+                 amp_dtype: Optional[torch.dtype] = None) -> dict:
+    """Predict ``samples`` (indices into ``class_names``) with the checkpoint and write the full report, with
+    the top-``top_k`` accuracy."""
     from utils.report import write_labelled_report
     model, meta = load_for_inference(weights_path, device, method, method_cfg_override)
     samples, unknown = map_to_checkpoint_classes(samples, class_names, meta['class_names'])
-    result = predict(model, samples, meta['data_config'], device, batch_size, workers, progress)
+    result = predict(model, samples, meta['data_config'], device, batch_size, workers, progress, amp_dtype)
     if len(result.paths) == 0:
         raise UserError('no image could be read; nothing to report')
     known = {path for path, _ in skipped}
@@ -92,7 +168,7 @@ def write_report(weights_path, samples, class_names, output_dir, device='cpu', b
                    method_cfg=method_cfg(model), unknown_classes=unknown, skipped=skipped,
                    images_per_s=result.images_per_s, method_stats=result.stats)
     return write_labelled_report(result.probs, result.targets, result.paths, meta['class_names'],
-                                 Path(output_dir), context)
+                                 Path(output_dir), context, top_k)
 
 
 def labelled_samples(checkpoint: dict, data_root) -> List[Tuple[str, int]]:

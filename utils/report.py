@@ -202,8 +202,9 @@ def predictions_table(probs, targets, paths, names) -> pd.DataFrame:
 
 
 def write_labelled_report(probs: np.ndarray, targets: np.ndarray, paths: Sequence[str], names: List[str],
-                          out: Path, context: dict) -> dict:
-    """Every report file for probabilities [N, C] of images with true class indices ``targets``."""
+                          out: Path, context: dict, top_k: int = 5) -> dict:
+    """Every report file for probabilities [N, C] of images with true class indices ``targets``; the summary's
+    top-k accuracy is at ``top_k`` (at most the number of classes)."""
     out.mkdir(parents=True, exist_ok=True)
     predicted = probs.argmax(axis=1)
     present = sorted(set(targets.tolist()))
@@ -238,7 +239,7 @@ def write_labelled_report(probs: np.ndarray, targets: np.ndarray, paths: Sequenc
     per_class.index.name = 'class'
     per_class.rename(index=safe_name).to_csv(out / 'per_class_report.csv', **CSV_OPTIONS)
 
-    k = min(5, len(names))
+    k = min(top_k, len(names))
     # one-vs-rest AUC averaged over the classes present (sklearn's 'ovr' macro when all are present)
     macro_auc = float(per_class.loc['macro avg', 'roc_auc']) if roc else None
     mistakes = plot_mistakes(table, out / 'misclassified.png')

@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from models.registry import method_override
-from utils.cli_args import method_flags, weights_flag
+from utils.cli_args import HelpFormatter, method_flags, weights_flag
 from utils.config import given_flags
 from utils.errors import run_cli
 from utils.export import FORMATS, OPSET
@@ -19,12 +19,12 @@ from utils.export import FORMATS, OPSET
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser('export.py', description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                formatter_class=HelpFormatter,
                                 parents=[weights_flag(), method_flags(override=True)])
     p.add_argument('--format', choices=FORMATS, default='onnx', help=f'onnx (opset {OPSET}) or torchscript')
     p.add_argument('--output', help='default: the weights file with .onnx / .pt')
     shape = p.add_mutually_exclusive_group()
-    shape.add_argument('--batch-size', type=int, default=1, help='the fixed batch size of the graph')
+    shape.add_argument('--batch-size', '-b', type=int, default=1, help='the fixed batch size of the graph')
     shape.add_argument('--dynamic-batch', action='store_true', help='any batch size')
     p.add_argument('--img-size', type=int, help="input size (default: the checkpoint's)")
     p.add_argument('--check-images', nargs='*', default=[], help='image files or folders to check the file on '

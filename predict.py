@@ -13,22 +13,22 @@ from pathlib import Path
 
 
 from models.registry import method_override
-from utils.cli_args import device_flag, method_flags, weights_flag
+from utils.cli_args import HelpFormatter, device_flag, method_flags, weights_flag
 from utils.config import given_flags
 from utils.errors import UserError, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser('predict.py', description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                formatter_class=HelpFormatter,
                                 parents=[weights_flag(), device_flag(), method_flags(override=True)])
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument('--data-root', help='labelled folder (class sub-folders, or a root with val/)')
     source.add_argument('--images', nargs='+', help='image files or folders to classify')
     p.add_argument('--output-dir', help='default: predict-<name>-<time> next to the weights')
     p.add_argument('--topk', type=int, default=5, help='classes listed per image with --images')
-    p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--batch-size', '-b', type=int, default=64)
+    p.add_argument('--workers', '-j', type=int, default=2)
     p.add_argument('--token-maps', action='store_true', help='draw what the method did to the tokens')
     p.add_argument('--n-visualization', type=int, default=16, help='images in the token maps')
     return p

@@ -18,7 +18,7 @@ from datasets.images import try_load_rgb
 from models.registry import available_methods
 from utils.benchmark import (BenchConfig, ModelSource, input_images, markdown_table, parse_sweep, run_rows,
                              stack_token_maps, write_outputs)
-from utils.cli_args import device_flag, model_flags, weights_flag
+from utils.cli_args import HelpFormatter, device_flag, model_flags, weights_flag
 from utils.config import parse_key_values
 from utils.distributed import pick_device
 from utils.errors import UserError, run_cli
@@ -27,7 +27,7 @@ from utils.profiling import machine_description
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser('benchmark.py', description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                formatter_class=HelpFormatter,
                                 parents=[model_flags('deit_small_patch16_224'),
                                          weights_flag(required=False, note=': rows use its weights (and model)'),
                                          device_flag()])
@@ -36,7 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='methods with their default settings (default: every available one)')
     p.add_argument('--sweep', nargs='*', default=[], metavar='METHOD.KEY=V1,V2',
                    help='one row per value, e.g. tome.r=4,8,13,16 gtp.num_prop=4,8,12')
-    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--batch-size', '-b', type=int, default=64)
     p.add_argument('--amp', action=argparse.BooleanOptionalAction, default=True, help='bf16/fp16 on CUDA')
     p.add_argument('--runs', type=int, default=10, help='timed runs per row (the median is reported)')
     p.add_argument('--warmup', type=int, default=3)

@@ -16,14 +16,14 @@ from pathlib import Path
 
 
 from models.registry import method_override
-from utils.cli_args import device_flag, method_flags, model_flags, weights_flag
+from utils.cli_args import HelpFormatter, device_flag, method_flags, model_flags, weights_flag
 from utils.config import given_flags
 from utils.errors import UserError, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser('predict.py', description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                formatter_class=HelpFormatter,
                                 parents=[weights_flag(required=False, note='; or --model'), model_flags(None),
                                          device_flag(), method_flags(override=True)])
     p.add_argument('--pretrained', nargs='?', const=True, metavar='WEIGHTS',
@@ -41,8 +41,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--url-timeout', type=float, default=30.0, help='seconds to wait for an image URL')
     p.add_argument('--amp', action=argparse.BooleanOptionalAction, default=True,
                    help='mixed precision on CUDA (bf16 where supported, else fp16); full precision on the CPU')
-    p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--batch-size', '-b', type=int, default=64)
+    p.add_argument('--workers', '-j', type=int, default=2)
     p.add_argument('--token-maps', action='store_true', help='draw what the method did to the tokens')
     p.add_argument('--n-visualization', type=int, default=16, help='images in the token maps')
     return p

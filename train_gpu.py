@@ -15,11 +15,12 @@ import sys
 from pathlib import Path
 
 from models.registry import method_cfg_from_args
-from utils.cli_args import device_flag, method_flags, model_flags
+from utils.cli_args import HelpFormatter, compile_flag, device_flag, method_flags, model_flags
 from utils.config import check_config, load_yaml, parse_key_values, parse_layered
 from utils.curriculum import CURRICULA
 from utils.distillation import DISTILL_TYPES
 from utils.errors import run_cli
+from utils.optim import LR_BASE_SCALES
 from utils.schedule import SCHEDULES
 from utils.selection import EVAL_METRICS
 
@@ -35,9 +36,9 @@ RECIPES = dict(light={}, deit=dict(aa='rand-m9-mstd0.5-inc1', reprob=0.25, scale
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser('train_gpu.py', description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                formatter_class=HelpFormatter,
                                 parents=[model_flags('deit_tiny_patch16_224'), method_flags(override=False),
-                                         device_flag()])
+                                         device_flag(), compile_flag()])
     p.add_argument('--config', help='YAML file of flag: value pairs (command-line flags win)')
     g = p.add_argument_group('data')
     g.add_argument('--data-root', help='folder with one sub-folder of images per class, or with train/ and '
@@ -46,28 +47,37 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--train-dir', help='folder of training class folders, for any other layout (relative to '
                                        '--data-root when given); alone, it is split by --val-split')
     g.add_argument('--val-dir', help='folder of validation class folders (with --train-dir)')
-    g.add_argument('--nb-classes', type=int, help='expected number of classes (a check; the folders decide)')
+    g.add_argument('--nb-classes', '--num-classes', type=int,
+                   help='expected number of classes (a check; the folders decide)')
     g.add_argument('--val-split', type=float, default=0.2, help='validation fraction when there is no val/')
-    g.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1),
-                   help='data-loading processes per GPU/process (default: 4, at most the CPU count)')
+    g.add_argument('--workers', '-j', type=int, default=min(4, os.cpu_count() or 1),
+                   help='data-loading processes per GPU/process (default: 4, at most the CPU count: %(default)s here)')
     g.add_argument('--class-balance', choices=('none', 'weights', 'sampler'), default='none',
                    help='for skewed class counts: weight the loss, or sample classes equally')
     g = p.add_argument_group('model')
-    g.add_argument('--pretrained', nargs='?', const=True, metavar='WEIGHTS',
+    g.add_argument('--pretrained', '--initial-checkpoint', nargs='?', const=True, metavar='WEIGHTS',
                    help="the weights to start from: alone (and by default on your data), the --model's default timm "
                         "weights; a timm tag (fb_in1k, deit_small_patch16_224.fb_in1k) or hf-hub:ORG/NAME (fetched once "
                         "into the Hugging Face cache, offline from it with HF_HUB_OFFLINE=1); a local .pth / "
                         ".safetensors / toolkit checkpoint; or none: from scratch (the built-in demo's default)")
     g.add_argument('--img-size', type=int, help="input size (default: the model's own)")
     g.add_argument('--drop-path', type=float, default=0.0, help='stochastic depth rate (DeiT: 0.1)')
+    g.add_argument('--grad-checkpointing', action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute each block's activations in the backward pass instead of keeping them: less "
+                        "memory for a larger batch, for one more forward pass of the blocks per step")
     g = p.add_argument_group('optimisation')
-    g.add_argument('--batch-size', type=int, default=64, help='per process')
+    g.add_argument('--batch-size', '-b', type=int, default=64, help='per process')
     g.add_argument('--epochs', type=int, default=30)
     g.add_argument('--lr', type=float, help='AdamW peak learning rate, as it is (default: from --lr-base)')
     g.add_argument('--lr-base', type=float,
-                   help='peak learning rate per 512 images, scaled by the global batch (batch size x processes x '
-                        'accumulation steps) as DeiT does (default: 5e-4 with --pretrained, 4e-3 from scratch: '
-                        '6.25e-5 / 5e-4 at batch 64)')
+                   help='peak learning rate per --lr-base-size images, scaled by the global batch (batch size x '
+                        'processes x accumulation steps) by --lr-base-scale (default: 5e-4 with --pretrained, 4e-3 '
+                        'from scratch, per 512 images: 6.25e-5 / 5e-4 at batch 64)')
+    g.add_argument('--lr-base-size', type=int, default=512,
+                   help="the global batch at which --lr-base is the rate (DeiT's 512; timm's 256)")
+    g.add_argument('--lr-base-scale', choices=LR_BASE_SCALES, default='linear',
+                   help="how the rate follows the global batch from there: linear (DeiT's) or sqrt (timm's for "
+                        "Adam-family optimizers)")
     g.add_argument('--sched', choices=SCHEDULES, default='onecycle',
                    help="learning-rate schedule, per update: onecycle (cosine up from lr/25 and down to --min-lr, "
                         "Adam's beta1 0.95 -> 0.85 -> 0.95 against it, as PyTorch's OneCycleLR) or cosine (linear "
@@ -79,7 +89,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--weight-decay', type=float, default=0.05)
     g.add_argument('--layer-decay', type=float, help='layer-wise lr decay, e.g. 0.75 (off when not given)')
     g.add_argument('--clip-grad', type=float, help='max gradient norm (off when not given)')
-    g.add_argument('--accum-steps', type=int, default=1, help='gradient accumulation steps')
+    g.add_argument('--accum-steps', '--grad-accum-steps', type=int, default=1, help='gradient accumulation steps')
     g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
     g.add_argument('--recipe', choices=sorted(RECIPES), default='light',
                    help="defaults of the augmentation flags below and of --sched: light (the whole image, flipped, "
@@ -119,7 +129,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='validation metric that chooses best.pth (and --early-stop); loss: the lowest')
     g.add_argument('--early-stop', type=int, default=0, help='stop after N epochs without a better --eval-metric (0: off)')
     g.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=False)
-    g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile the model')
     g = p.add_argument_group('distillation (DeiT, Touvron et al. 2021; Hinton et al. 2015; see utils/distillation.py)')
     g.add_argument('--teacher', metavar='TEACHER',
                    help="distil from this teacher's logits: a best.pth of this toolkit on the same classes (e.g. the "

@@ -86,6 +86,9 @@ def _settings(args: argparse.Namespace) -> dict:
     ['--teacher', 'runs/dense/best.pth', '--distill-type', 'hard', '--distill-alpha', '0.3',
      '--distill-temperature', '2'],
     ['--teacher', 'deit_base_patch16_224.fb_in1k', '--teacher-weights', 'weights/teacher.pth'],
+    ['--num-classes', '3', '-b', '8', '-j', '1', '--grad-accum-steps', '2', '--torchcompile', 'aot_eager',
+     '--initial-checkpoint', 'weights/x.pth', '--grad-checkpointing', '--lr-base-size', '256',
+     '--lr-base-scale', 'sqrt'],
 ])
 def test_config_yaml_of_a_run_passes_the_check_unchanged(flags, tmp_path):
     args = train_gpu.parse_args(['--data-root', str(tmp_path), *flags])

@@ -40,7 +40,8 @@ def test_crop_ratio_and_interpolation_reach_the_crop(tmp_path):
 
 
 def _args(**given):
-    defaults = dict(lr=None, lr_base=None, pretrained=None, batch_size=32, accum_steps=1)
+    defaults = dict(lr=None, lr_base=None, lr_base_size=512, lr_base_scale='linear', pretrained=None, batch_size=32,
+                    accum_steps=1)
     return argparse.Namespace(**{**defaults, **given})
 
 

@@ -1,13 +1,28 @@
 """The flags the command-line tools share, each defined once, as parent parsers: a tool lists the ones it takes
 in ``argparse.ArgumentParser(parents=[...])``, the way DeiT's scripts reuse ``get_args_parser(add_help=False)``.
-Each call builds a new parser, so tools never share an action (``utils.config.given_flags`` changes them)."""
+Each call builds a new parser, so tools never share an action (``utils.config.given_flags`` changes them). The
+tools' help goes through ``HelpFormatter``, which states each default once."""
 import argparse
+from typing import Optional
 
 from models.registry import METHODS, add_method_args
+from utils.errors import UserError
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" after each help text, but only where it tells something: not when the text
+    already says its default (``default: ...``) and not for a default of None (the text says what leaving the
+    flag out does)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ''
+        if action.default is None or 'default:' in text or '%(default)' in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def _parent() -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(add_help=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return argparse.ArgumentParser(add_help=False, formatter_class=HelpFormatter)
 
 
 def model_flags(default: str) -> argparse.ArgumentParser:
@@ -44,3 +59,28 @@ def device_flag() -> argparse.ArgumentParser:
     p = _parent()
     p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     return p
+
+
+def compile_flag() -> argparse.ArgumentParser:
+    """--compile [BACKEND] (also timm's --torchcompile [BACKEND]) and --no-compile: the value stored is False,
+    True (torch's default backend) or a backend name."""
+    p = _parent()
+    p.add_argument('--compile', '--torchcompile', nargs='?', const=True, default=False, metavar='BACKEND',
+                   help="torch.compile the model, with torch's default backend (inductor) or BACKEND (e.g. aot_eager)")
+    p.add_argument('--no-compile', dest='compile', action='store_const', const=False, default=argparse.SUPPRESS,
+                   help='no torch.compile (over a --config file or a resumed run)')
+    return p
+
+
+def compile_backend(value) -> Optional[str]:
+    """The torch.compile backend a --compile value asks for: None (off), 'inductor' (the flag alone, torch's
+    default) or the name given, which must be one torch knows."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return 'inductor'
+    import torch
+    if value not in torch.compiler.list_backends(exclude_tags=()):
+        raise UserError(f"--compile {value}: not a torch.compile backend; give e.g. inductor, aot_eager or eager "
+                        f"(all: torch.compiler.list_backends(exclude_tags=())), or --compile alone for inductor")
+    return value

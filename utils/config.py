@@ -117,15 +117,28 @@ def _typed(action: argparse.Action, value):
     return items if _is_list(action) else items[0]
 
 
+def _setting_names(actions) -> dict:
+    """Every long name of a flag as a config key -> the setting it stores (``num_classes`` -> ``nb_classes``, for
+    ``--nb-classes, --num-classes``), so a file may use either name; the negative ``--no-X`` names are left out."""
+    return {option[2:].replace('-', '_'): action.dest for action in actions for option in action.option_strings
+            if option.startswith('--') and not (isinstance(action, argparse.BooleanOptionalAction)
+                                                and option.startswith('--no-'))}
+
+
 def check_config(parser: argparse.ArgumentParser, settings: dict, path, nullable=()) -> dict:
     """``settings`` of the config file ``path`` typed as their flags in ``parser`` take them (a number for a float
     flag becomes a float, one for a string flag a string); anything else is a one-line ``UserError`` naming the
     file, the key and the type. An integer flag refuses 2.0, as on its command line; ``null`` is taken where the
-    flag's default is None or the key is in ``nullable``. Unknown keys, and those of flags that store no setting
-    (--help), are left to ``parse_layered``."""
+    flag's default is None or the key is in ``nullable``. A key may be any long name of its flag (timm's
+    ``num_classes`` for ``nb_classes``); the setting's own name is returned. Unknown keys, and those of flags that
+    store no setting (--help), are left to ``parse_layered``."""
     actions = {a.dest: a for a in parser._actions if a.nargs != 0 or isinstance(a, BOOLEAN_ACTIONS)}
-    out = {}
-    for key, value in settings.items():
+    names, out, named = _setting_names(actions.values()), {}, {}
+    for name, value in settings.items():
+        key = names.get(name, name)
+        if key in named:
+            raise UserError(f"config file '{path}': {named[key]} and {name} are the same setting; keep one")
+        named[key] = name
         action = actions.get(key)
         if action is None or (value is None and (action.default is None or key in nullable)):
             out[key] = value

@@ -10,6 +10,7 @@ from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_grou
 from models.factory import model_new_params
 from models.pretrained import wants_weights
 from models.registry import new_param_lr_scale
+from utils.errors import UserError
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, layer_decay=None):
@@ -32,29 +33,41 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, laye
     return create_optimizer_v2(model, opt='adamw', lr=lr, weight_decay=weight_decay, param_group_fn=groups)
 
 
-LR_BASE_SIZE = 512  # DeiT's and timm's reference batch for --lr-base
-LR_BASE = dict(pretrained=5e-4, scratch=4e-3)  # per 512 images: DeiT's fine-tuning figure; 5e-4 at batch 64
+LR_BASE = dict(pretrained=5e-4, scratch=4e-3)  # per 512 images (DeiT's reference batch): 5e-4 at batch 64
+LR_BASE_REFERENCE = 512
+LR_BASE_SCALES = ('linear', 'sqrt')
 
 
 @dataclass
 class LearningRate:
-    """The peak learning rate and where it came from: ``--lr`` as given, or ``--lr-base`` x global batch / 512."""
+    """The peak learning rate and where it came from: ``--lr`` as given, or ``--lr-base`` at ``--lr-base-size``
+    images scaled to the global batch."""
     value: float
     global_batch: int
     base: Optional[float] = None
+    base_size: int = LR_BASE_REFERENCE
+    scale: str = 'linear'
 
     def __str__(self) -> str:
         if self.base is None:
             return f'{self.value:.3g} (--lr; global batch {self.global_batch})'
-        return f'{self.value:.3g} (--lr-base {self.base:.3g} x global batch {self.global_batch} / {LR_BASE_SIZE})'
+        ratio = f'global batch {self.global_batch} / {self.base_size}'
+        return f"{self.value:.3g} (--lr-base {self.base:.3g} x {f'sqrt({ratio})' if self.scale == 'sqrt' else ratio})"
 
 
 def resolve_lr(args, world_size: int) -> LearningRate:
-    """``--lr`` when given; else ``--lr-base`` (default: LR_BASE for --pretrained or from scratch) scaled
-    linearly by the global batch (per-process batch x processes x accumulation steps), as DeiT's main.py."""
+    """``--lr`` when given; else ``--lr-base`` times the global batch (per-process batch x processes x accumulation
+    steps) over ``--lr-base-size``, to the power 1 (``--lr-base-scale linear``, DeiT's main.py) or 1/2 (``sqrt``,
+    timm's train.py for Adam-family optimizers). The default ``--lr-base`` (LR_BASE, for --pretrained or from
+    scratch) is DeiT's figure per 512 images, restated per ``--lr-base-size`` images, so that at a global batch of
+    ``--lr-base-size`` either scale gives the rate DeiT's rule gives there."""
     global_batch = args.batch_size * world_size * args.accum_steps
     if args.lr is not None:
         return LearningRate(args.lr, global_batch)
+    if args.lr_base_size < 1:
+        raise UserError(f'--lr-base-size {args.lr_base_size}: give the reference global batch, e.g. 512 or 256')
     default = LR_BASE['pretrained' if wants_weights(args.pretrained) else 'scratch']
-    base = args.lr_base if args.lr_base is not None else default
-    return LearningRate(base * global_batch / LR_BASE_SIZE, global_batch, base)
+    base = args.lr_base if args.lr_base is not None else default * args.lr_base_size / LR_BASE_REFERENCE
+    ratio = global_batch / args.lr_base_size
+    value = base * (ratio ** 0.5 if args.lr_base_scale == 'sqrt' else ratio)
+    return LearningRate(value, global_batch, base, args.lr_base_size, args.lr_base_scale)

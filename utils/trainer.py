@@ -22,6 +22,7 @@ from models.factory import build_model, check_is_vit, load_backbone_state, model
 from models.pretrained import describe_weights, wants_weights
 from models.registry import method_cfg, unwrap, within_budget
 from utils import run_files
+from utils.cli_args import compile_backend
 from utils.curriculum import Curriculum, make_curriculum
 from utils.curves import TrainingCurves, add_curves_to_report
 from utils.data import class_weights, eval_loader, train_loader
@@ -93,6 +94,7 @@ def _train(args, info: DistInfo) -> Path:
     resume_ckpt = load_resume_checkpoint(args.resume) if args.resume else None
     lr, warmup = resolve_lr(args, info.world_size), warmup_epochs(args)  # a bad flag is refused before the run folder
     check_is_vit(args.model)  # and a model that is not a ViT, before the demo data too
+    compile_backend(args.compile)  # and an unknown --compile backend
     teacher = load_teacher(args, info.device)  # and a --teacher that does not load
     run_dir = prepare_run_dir(args, info)
     progress, started = Progress.of(resume_ckpt, args.resume), False
@@ -246,6 +248,7 @@ def build_run_model(args, classes, resume_ckpt: Optional[dict], info: DistInfo):
     model = build_model(args.model, args.method, args.method_cfg, num_classes=len(classes),
                         img_size=args.img_size, pretrained=pretrained, drop_path_rate=args.drop_path,
                         **{**args.model_kwargs, **sizes})
+    model.set_grad_checkpointing(args.grad_checkpointing)
     new_params = model_new_params(model)
     if new_params and wants_weights(pretrained):
         log.info(f'{len(new_params)} parameter tensors added by method {args.method} start from their own '
@@ -368,7 +371,7 @@ def resume(ckpt: dict, args, model, opt: Optimisation, progress: Progress, info:
 def wrap_for_training(model, args, info: DistInfo) -> nn.Module:
     """The model as the training step calls it: compiled and/or in DistributedDataParallel."""
     if args.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, backend=compile_backend(args.compile))
     if info.distributed:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == 'cuda' else None)

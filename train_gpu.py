@@ -23,6 +23,7 @@ from utils.errors import run_cli
 from utils.optim import LR_BASE_SCALES
 from utils.schedule import SCHEDULES
 from utils.selection import EVAL_METRICS
+from utils.trackers import TRACKERS
 
 # Without --data-root the built-in demo runs; these settings (under any flag you give) let a ViT learn its
 # 64-px pictures from scratch in a few minutes on a CPU.
@@ -149,9 +150,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--resume', help="last.pth to continue from, or 'auto' for the newest in --output-dir / runs/")
     g.add_argument('--report', action=argparse.BooleanOptionalAction, default=True,
                    help="write the evaluation report of best.pth on the validation split into report/")
+    g.add_argument('--log-to', nargs='*', choices=TRACKERS, default=[], metavar='TRACKER',
+                   help="also log to these experiment trackers (tensorboard, mlflow, wandb; none when given alone): "
+                        "log.csv's scalars each epoch, the training loss and lr every --log-interval steps, the "
+                        "settings, and at the end best.pth's metrics and the report; each needs pip install -r "
+                        "requirements-NAME.txt (see utils/trackers.py)")
     g.add_argument('--log-tensorboard', nargs='?', const=True, metavar='DIR',
-                   help="also log log.csv's scalars to TensorBoard, in DIR (default: the run folder's tb/); "
-                        "needs pip install -r requirements-tensorboard.txt")
+                   help="--log-to tensorboard, into DIR (default: the run folder's tb/)")
+    g.add_argument('--mlflow-uri', help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else MLflow's own: "
+                                        "sqlite:///mlflow.db in the current folder)")
+    g.add_argument('--wandb-project', help="W&B project (default: WANDB_PROJECT, else W&B's); offline unless "
+                                           "WANDB_MODE is set or you are logged in (wandb login)")
     g.add_argument('--dist-timeout', type=float, default=None, metavar='SECONDS',
                    help="timeout of the collectives of a multi-process training step (default: torch's, 10 min "
                         "under NCCL); waits on process 0's data scan and run folder are not bound by it")

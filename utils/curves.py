@@ -6,7 +6,7 @@ its train and val values together. Columns absent from the log (EMA, macro F1) g
 Each panel's y axis names its unit: accuracy and macro F1 are in % (as log.csv holds them, and as report.html
 shows them). log.csv's ``top5`` column is top-k accuracy with k = min(5, classes): its line is labelled with the
 real k, read from the run folder's class_indices.json.
-``TrainingCurves`` is what the trainer calls after each epoch (curves.png, and TensorBoard when asked).
+``update_curves`` is what the trainer calls after each epoch.
 """
 import csv
 import json
@@ -20,7 +20,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from utils.atomic_write import replaced_atomically
-from utils.tensorboard_log import ScalarLog, summary_writer_class
 
 log = logging.getLogger('train')
 
@@ -122,40 +121,19 @@ def first_line(err: Exception) -> str:
     return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
 
 
-class TrainingCurves:
-    """What each new row of log.csv feeds (on the main process): curves.png and, with ``--log-tensorboard``,
-    TensorBoard. Made at the start of a run, so that a missing tensorboard stops it before any training.
-    A failure to draw or log is one warning, never the end of the training."""
-
-    def __init__(self, tensorboard=None):
-        """``tensorboard``: None (off), True (the run folder's ``tb/``) or a folder."""
-        self.tensorboard = tensorboard
-        self.scalars = None
-        if tensorboard:
-            summary_writer_class()
-
-    def update(self, run_dir) -> None:
-        run_dir = Path(run_dir)
-        try:
-            values = read_log(run_dir / 'log.csv')
-        except (OSError, ValueError) as err:
-            log.warning(f'curves not updated, log.csv unreadable: {first_line(err)}')
-            return
-        try:
-            plot_curves(values, run_dir / 'curves.png', read_num_classes(run_dir))
-        except Exception as err:  # noqa: BLE001 (a plot must not stop a training)
-            log.warning(f'curves.png not redrawn: {first_line(err)}')
-        if self.tensorboard:
-            try:
-                if self.scalars is None:
-                    self.scalars = ScalarLog(run_dir / 'tb' if self.tensorboard is True else self.tensorboard)
-                self.scalars.write({column: v[-1] for column, v in values.items()})
-            except Exception as err:  # noqa: BLE001
-                log.warning(f'TensorBoard not updated: {first_line(err)}')
-
-    def close(self) -> None:
-        if self.scalars is not None:
-            self.scalars.close()
+def update_curves(run_dir) -> None:
+    """Redraw the run folder's curves.png from its log.csv (on the main process, after each epoch). A failure to
+    read or draw is one warning, never the end of the training."""
+    run_dir = Path(run_dir)
+    try:
+        values = read_log(run_dir / 'log.csv')
+    except (OSError, ValueError) as err:
+        log.warning(f'curves not updated, log.csv unreadable: {first_line(err)}')
+        return
+    try:
+        plot_curves(values, run_dir / 'curves.png', read_num_classes(run_dir))
+    except Exception as err:  # noqa: BLE001 (a plot must not stop a training)
+        log.warning(f'curves.png not redrawn: {first_line(err)}')
 
 
 def add_curves_to_report(run_dir, report_dir) -> None:

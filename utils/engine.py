@@ -72,12 +72,14 @@ def check_finite(bad_loss: torch.Tensor, epoch: int, first: int, last: int, devi
 def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: Callable, settings: StepSettings,
                     epoch: int, total_epochs: int, scheduler=None, mixup=None, ema=None,
                     num_updates: int = 0, input_transform: Optional[Callable] = None,
-                    failed: Optional[list] = None, loss_term: Optional[Callable] = None) -> dict:
+                    failed: Optional[list] = None, loss_term: Optional[Callable] = None,
+                    log_step: Optional[Callable[[int, dict], None]] = None) -> dict:
     """Train one epoch; returns mean loss, lr, global images/s, updates done, and the method's stats.
     ``input_transform`` changes each batch of images on the device, before Mixup (a curriculum's crop). The
     ``LoadFailure`` of each file that failed to load (on this process) is added to ``failed``.
     ``loss_term(images, logits, loss)`` returns the loss with a run's term on the same images (a teacher's
-    distillation, ``utils.distillation``)."""
+    distillation, ``utils.distillation``). ``log_step(updates, {'loss': ..., 'lr': ...})`` gets, every
+    ``log_interval`` steps, the mean loss of this process's images since its last call (experiment trackers)."""
     model.train()
     steps = len(loader)
     seen = 0
@@ -87,6 +89,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: Callable, sett
     loss_sum = torch.zeros((), device=settings.device)  # on the device: no host sync per step
     bad_loss = torch.zeros((), device=settings.device)  # the last NaN / inf loss since the last check
     first_unchecked = 0
+    logged = (0.0, 0)  # loss_sum and seen at the last log_step
     for step, batch in enumerate(bar):
         if failed is not None:
             failed += batch.failed
@@ -143,6 +146,11 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: Callable, sett
                 ema.update(unwrap(model), step=num_updates)
         loss_sum += detached * n
         seen += n
+        if log_step is not None and (step + 1) % settings.log_interval == 0:
+            total = loss_sum.item()
+            log_step(num_updates, dict(loss=(total - logged[0]) / max(seen - logged[1], 1),
+                                       lr=optimizer.param_groups[0]['lr']))
+            logged = (total, seen)
     check_finite(bad_loss, epoch, first_unchecked, steps - 1, settings.device)
     if settings.device.type == 'cuda':
         torch.cuda.synchronize(settings.device)

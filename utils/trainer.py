@@ -24,7 +24,7 @@ from models.registry import method_cfg, unwrap, within_budget
 from utils import run_files
 from utils.cli_args import compile_backend
 from utils.curriculum import Curriculum, make_curriculum
-from utils.curves import TrainingCurves, add_curves_to_report
+from utils.curves import add_curves_to_report, update_curves
 from utils.data import class_weights, eval_loader, train_loader
 from utils.distillation import load_teacher, make_distillation
 from utils.distributed import DistInfo, any_process, barrier, cleanup, gather_lists, init_distributed, on_main_process
@@ -35,6 +35,7 @@ from utils.selection import describe, metric_value, rank
 from utils.errors import Stopped, UserError
 from utils.rng import rng_state, seed_everything, set_rng_state
 from utils.stop_signals import stop_on_signals, writes_finish_first
+from utils.trackers import Trackers
 
 log = logging.getLogger('train')
 REPO = Path(__file__).resolve().parent.parent
@@ -90,14 +91,14 @@ def _train(args, info: DistInfo) -> Path:
     """One run, in the order it happens (each step below is a function of this module). The run folder is
     claimed for this run alone; a divergence or a signal says which checkpoint holds which epoch."""
     seed_everything(args.seed + info.rank)
-    curves = TrainingCurves(args.log_tensorboard)  # a missing tensorboard stops the run here
+    trackers = Trackers.from_args(args, info.is_main)  # a tracker's missing package stops the run here
     resume_ckpt = load_resume_checkpoint(args.resume) if args.resume else None
     lr, warmup = resolve_lr(args, info.world_size), warmup_epochs(args)  # a bad flag is refused before the run folder
     check_is_vit(args.model)  # and a model that is not a ViT, before the demo data too
     compile_backend(args.compile)  # and an unknown --compile backend
     teacher = load_teacher(args, info.device)  # and a --teacher that does not load
     run_dir = prepare_run_dir(args, info)
-    progress, started = Progress.of(resume_ckpt, args.resume), False
+    progress, started, outcome = Progress.of(resume_ckpt, args.resume), False, 'FAILED'
     try:
         split = on_main_process(scan_data, args, resume_ckpt)
         model, meta = build_run_model(args, split.classes, resume_ckpt, info)
@@ -111,21 +112,26 @@ def _train(args, info: DistInfo) -> Path:
         opt.loss_term = make_distillation(teacher, args, split.classes, meta['data_config'], info.device)
         if resume_ckpt:
             resume(resume_ckpt, args, model, opt, progress, info)
+        on_main_process(trackers.start, run_dir, progress.start_epoch, progress.num_updates)
         started = True
-        run_epochs(run_dir, args, info, split, model, meta, loader, val_loader, opt, progress, curves, curriculum)
+        run_epochs(run_dir, args, info, split, model, meta, loader, val_loader, opt, progress, trackers, curriculum)
+        outcome = 'FINISHED'
     except Diverged as err:
         raise Diverged(f'{err}; {progress.kept(run_dir)}. Lower --lr, or set --clip-grad 1.0 (or --no-amp)') from None
     except Stopped as stop:
+        outcome = 'KILLED'
         raise Stopped(f'{stop}: {progress.kept(run_dir)}', stop.exit_code) from None
     finally:
+        trackers.close(outcome)
         run_files.release_run_dir(run_dir, started)
     return run_dir
 
 
 def run_epochs(run_dir: Path, args, info: DistInfo, split: Split, model, meta: dict, loader, val_loader,
-               opt: 'Optimisation', progress: 'Progress', curves: TrainingCurves, curriculum: Curriculum) -> None:
-    """Train (in the curriculum's stage of the epoch) and validate each epoch, write its checkpoints and log row;
-    then the final report."""
+               opt: 'Optimisation', progress: 'Progress', trackers: Trackers, curriculum: Curriculum) -> None:
+    """Train (in the curriculum's stage of the epoch) and validate each epoch, write its checkpoints and log row
+    (also to curves.png and the trackers); then the final report, and best.pth's row and the report to the
+    trackers."""
     train_model = wrap_for_training(model, args, info)
     settings = StepSettings(info.device, opt.amp_dtype, opt.scaler, args.accum_steps, args.clip_grad,
                             args.channels_last, show_progress=info.is_main, log_interval=args.log_interval)
@@ -136,7 +142,8 @@ def run_epochs(run_dir: Path, args, info: DistInfo, split: Split, model, meta: d
         failed_train, failed_val = [], []
         train_stats = train_one_epoch(train_model, loader, opt.optimizer, opt.loss_fn, settings, epoch,
                                       args.epochs, opt.scheduler, opt.mixup, opt.ema, progress.num_updates,
-                                      input_transform=curriculum, failed=failed_train, loss_term=opt.loss_term)
+                                      input_transform=curriculum, failed=failed_train, loss_term=opt.loss_term,
+                                      log_step=trackers.log_step if trackers else None)
         train_stats.update(stage)
         if opt.loss_term is not None:
             train_stats.update(opt.loss_term.epoch_stats())
@@ -148,18 +155,19 @@ def run_epochs(run_dir: Path, args, info: DistInfo, split: Split, model, meta: d
             failed_train += load_unmet_files(loader, split, args, info)
         record_load_failures(run_dir, split, failed_train, failed_val, info)
         with writes_finish_first():
-            end_epoch(run_dir, epoch, time.time() - epoch_start, train_stats, val_stats, ema_stats,
-                      args, meta, model, opt, progress, info)
+            row = end_epoch(run_dir, epoch, time.time() - epoch_start, train_stats, val_stats, ema_stats,
+                            args, meta, model, opt, progress, info)
         if info.is_main:
-            curves.update(run_dir)
+            update_curves(run_dir)
+            trackers.log_epoch(row)
         if args.early_stop and epoch - progress.best_epoch >= args.early_stop:
             log.info(f'no better {args.eval_metric} for {args.early_stop} epochs: stopping early '
                      f'(--early-stop {args.early_stop})')
             break
     barrier()
     if info.is_main:
-        curves.close()
         final_report(run_dir, args, split, progress, info.device)
+        trackers.finish(run_dir, progress.best_epoch)
 
 
 def check_diverged(epoch: int, val_stats: dict, model, ema: Optional[ModelEmaV3], device) -> None:
@@ -380,10 +388,10 @@ def wrap_for_training(model, args, info: DistInfo) -> nn.Module:
 
 def end_epoch(run_dir: Path, epoch: int, seconds: float, train_stats: dict, val_stats: dict,
               ema_stats: Optional[dict], args, meta: dict, model, opt: Optimisation, progress: Progress,
-              info: DistInfo) -> None:
+              info: DistInfo) -> Optional[dict]:
     """Track the best epoch (``utils.selection``), then write best.pth (when better), last.pth, and a row of
     log.csv, in this order: a crash between two writes never leaves last.pth or the log ahead of best.pth (and a
-    signal waits for all three: ``writes_finish_first``)."""
+    signal waits for all three: ``writes_finish_first``). Returns the row (None off the main process)."""
     metric = args.eval_metric
     candidates = [(val_stats, model)] + ([(ema_stats, opt.ema.module)] if ema_stats is not None else [])
     ranked = [(rank(metric_value(stats, metric), metric, within_budget(m, stats)), stats) for stats, m in candidates]
@@ -412,9 +420,11 @@ def end_epoch(run_dir: Path, epoch: int, seconds: float, train_stats: dict, val_
                      model_ema=opt.ema.module.state_dict() if opt.ema is not None else None,
                      args=plain_args(args), rng=rngs, val=val_stats)
         save_atomic(make_checkpoint(meta, unwrap(model).state_dict(), **state), run_dir / 'last.pth')
-        run_files.append_log_row(run_dir / 'log.csv', log_row(epoch, seconds, train_stats, val_stats, ema_stats))
+        row = log_row(epoch, seconds, train_stats, val_stats, ema_stats)
+        run_files.append_log_row(run_dir / 'log.csv', row)
     progress.last_epoch, progress.last_path = epoch, run_dir / 'last.pth'
     log_epoch(epoch, train_stats, val_stats, ema_stats, meta['num_classes'])
+    return row if info.is_main else None
 
 
 def log_row(epoch: int, seconds: float, train_stats: dict, val_stats: dict, ema_stats: Optional[dict]) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 from models.registry import method_override
-from utils.cli_args import device_flag, method_flags, weights_flag
+from utils.cli_args import compile_flag, device_flag, method_flags, weights_flag
 from utils.config import given_flags
 from utils.errors import UserError, run_cli
 
@@ -21,7 +21,7 @@ from utils.errors import UserError, run_cli
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser('predict.py', description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                parents=[weights_flag(), device_flag(), method_flags(override=True)])
+                                parents=[weights_flag(), device_flag(), compile_flag(), method_flags(override=True)])
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument('--data-root', help='labelled folder (class sub-folders, or a root with val/)')
     source.add_argument('--images', nargs='+', help='image files or folders to classify')
@@ -50,7 +50,7 @@ def run_labelled(args, method, cfg, device) -> None:
         raise UserError(f"no readable images in class folders under '{root}'; expected {root}/<class>/<image>")
     out = Path(args.output_dir) if args.output_dir else default_output(args.weights, Path(args.data_root).name)
     summary = write_report(args.weights, scan.samples, scan.classes, out, device, args.batch_size, args.workers,
-                           method, cfg, scan.skipped)
+                           method, cfg, scan.skipped, compile_model=args.compile)
     if args.token_maps:
         from utils.report import add_plot
         picked = scan.samples[::max(1, len(scan.samples) // args.n_visualization)][:args.n_visualization]
@@ -76,7 +76,7 @@ def run_images(args, method, cfg, device) -> None:
     good = [f for f in files if f not in dict(bad)]
     if not good:
         raise UserError('none of the --images could be read')
-    model, meta = load_for_inference(args.weights, device, method, cfg)
+    model, meta = load_for_inference(args.weights, device, method, cfg, args.compile)
     result = predict(model, [(f, -1) for f in good], meta['data_config'], device, args.batch_size, args.workers)
     if not result.paths:
         raise UserError(f'none of the {len(files)} --images could be decoded (truncated or corrupt files)')

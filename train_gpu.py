@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from models.registry import method_cfg_from_args
-from utils.cli_args import device_flag, method_flags, model_flags
+from utils.cli_args import compile_flag, device_flag, method_flags, model_flags
 from utils.config import check_config, load_yaml, parse_key_values, parse_layered
 from utils.curriculum import CURRICULA
 from utils.distillation import DISTILL_TYPES
@@ -37,7 +37,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser('train_gpu.py', description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 parents=[model_flags('deit_tiny_patch16_224'), method_flags(override=False),
-                                         device_flag()])
+                                         device_flag(), compile_flag()])
     p.add_argument('--config', help='YAML file of flag: value pairs (command-line flags win)')
     g = p.add_argument_group('data')
     g.add_argument('--data-root', help='folder with one sub-folder of images per class, or with train/ and '
@@ -119,7 +119,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='validation metric that chooses best.pth (and --early-stop); loss: the lowest')
     g.add_argument('--early-stop', type=int, default=0, help='stop after N epochs without a better --eval-metric (0: off)')
     g.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=False)
-    g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile the model')
     g = p.add_argument_group('distillation (DeiT, Touvron et al. 2021; Hinton et al. 2015; see utils/distillation.py)')
     g.add_argument('--teacher', metavar='TEACHER',
                    help="distil from this teacher's logits: a best.pth of this toolkit on the same classes (e.g. the "

@@ -191,10 +191,13 @@ def model_from_checkpoint(ckpt: dict, source: str = 'checkpoint', method: Option
 
 
 def load_for_inference(path, device='cpu', method: Optional[str] = None,
-                       method_cfg: Optional[dict] = None) -> Tuple[nn.Module, dict]:
-    """(model in eval mode on ``device``, checkpoint metadata) from a toolkit checkpoint."""
+                       method_cfg: Optional[dict] = None, compile_model: bool = False) -> Tuple[nn.Module, dict]:
+    """(model in eval mode on ``device``, torch.compile'd with ``compile_model``; checkpoint metadata) from a
+    toolkit checkpoint."""
     ckpt = load_toolkit_checkpoint(path)
     model = model_from_checkpoint(ckpt, str(path), method, method_cfg).to(device).eval()
+    if compile_model:
+        model = torch.compile(model)
     meta = {k: ckpt[k] for k in META_KEYS}
     meta.update(epoch=ckpt.get('epoch'), best_metric=ckpt.get('best_metric'))
     return model, meta

@@ -44,3 +44,11 @@ def device_flag() -> argparse.ArgumentParser:
     p = _parent()
     p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     return p
+
+
+def compile_flag() -> argparse.ArgumentParser:
+    """--compile (train_gpu.py, predict.py, benchmark.py)."""
+    p = _parent()
+    p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False,
+                   help='torch.compile the model (inductor); the first batches of each shape and mode compile it')
+    return p

@@ -78,10 +78,11 @@ def map_to_checkpoint_classes(samples, data_classes: Sequence[str], ckpt_classes
 
 def write_report(weights_path, samples, class_names, output_dir, device='cpu', batch_size: int = 64,
                  workers: int = 0, method: Optional[str] = None, method_cfg_override: Optional[dict] = None,
-                 skipped: Sequence[Tuple[str, str]] = (), progress: bool = True) -> dict:
-    """Predict ``samples`` (indices into ``class_names``) with the checkpoint and write the full report."""
+                 skipped: Sequence[Tuple[str, str]] = (), progress: bool = True, compile_model: bool = False) -> dict:
+    """Predict ``samples`` (indices into ``class_names``) with the checkpoint (torch.compile'd with
+    ``compile_model``) and write the full report."""
     from utils.report import write_labelled_report
-    model, meta = load_for_inference(weights_path, device, method, method_cfg_override)
+    model, meta = load_for_inference(weights_path, device, method, method_cfg_override, compile_model)
     samples, unknown = map_to_checkpoint_classes(samples, class_names, meta['class_names'])
     result = predict(model, samples, meta['data_config'], device, batch_size, workers, progress)
     if len(result.paths) == 0:

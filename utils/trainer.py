@@ -142,7 +142,7 @@ def run_epochs(run_dir: Path, args, info: DistInfo, split: Split, model, meta: d
         progress.num_updates = train_stats['num_updates']
         val_stats = evaluate(eval_model, val_loader, settings, len(split.classes), failed_val)
         ema_stats = evaluate(ema_model, val_loader, settings, len(split.classes)) if opt.ema else None
-        check_diverged(epoch, val_stats, model, opt.ema, info.device)
+        check_diverged(epoch, val_stats, model, opt.ema)
         if epoch == 0:
             failed_train += load_unmet_files(loader, split, args, info)
         record_load_failures(run_dir, split, failed_train, failed_val, info)
@@ -161,13 +161,13 @@ def run_epochs(run_dir: Path, args, info: DistInfo, split: Split, model, meta: d
         final_report(run_dir, args, split, progress, info.device)
 
 
-def check_diverged(epoch: int, val_stats: dict, model, ema: Optional[ModelEmaV3], device) -> None:
+def check_diverged(epoch: int, val_stats: dict, model, ema: Optional[ModelEmaV3]) -> None:
     """Stop before any checkpoint of this epoch is written when its weights (or EMA weights) or its validation
     loss are not finite: the last update can spoil the weights after the last loss was checked."""
     spoiled = [what for what, ok in (('the weights', finite_state(unwrap(model).state_dict())),
                                      ('the EMA weights', ema is None or finite_state(ema.module.state_dict())),
                                      ('the validation loss', math.isfinite(val_stats['val_loss']))) if not ok]
-    if any_process(bool(spoiled), device):
+    if any_process(bool(spoiled)):
         raise Diverged(f"{' and '.join(spoiled) or 'the weights on another process'} became NaN or infinite "
                        f"in epoch {epoch}; training stopped before saving them")
 

@@ -9,8 +9,9 @@ CUDA; no RandAugment, random erasing, Mixup, CutMix, EMA or drop path. Each run 
 steps; the first epoch is warm-up (workers, allocator, cuDNN) and the run's figure is the median images/s of the
 others, each measured over the epoch's training loop alone (validation and checkpoints not counted): train_gpu.py's
 ``train_images_per_s`` of log.csv, and the plain loop's own timer around the same loop. Each round runs every
-method on both sides, the side that goes first alternating; the summary gives each method's median ratio
-(train_gpu.py / plain) and, for a method, that ratio over the dense one's.
+method on both sides, the side that goes first alternating (or, with --together on a busy CPU machine, both at once,
+under the same load); the summary gives each method's median ratio (train_gpu.py / plain) and, for a method, that
+ratio over the dense one's.
 """
 import argparse
 import csv
@@ -41,35 +42,48 @@ def make_folder(root: Path, images: int, size: int) -> Path:
     return root
 
 
-def run(command, what: str) -> str:
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f'error: {what} failed (exit {done.returncode}):\n{done.stderr[-2000:]}')
-    return done.stdout
+def toolkit_command(args, method: str, data: Path, out: Path) -> list:
+    return [sys.executable, 'train_gpu.py', '--data-root', str(data), '--output-dir', str(out), '--model', args.model,
+            '--method', method, '--img-size', str(args.img_size), '--batch-size', str(args.batch_size),
+            '--workers', str(args.workers), '--epochs', str(args.epochs), '--lr', '1e-3', '--pretrained', 'none',
+            '--scale', '1', '1', '--ratio', '1', '1', '--hflip', '0.5', '--aa', '', '--color-jitter', '0',
+            '--reprob', '0', '--mixup', '0', '--cutmix', '0', '--drop-path', '0', '--smoothing', '0.1',
+            '--no-model-ema', '--sched', 'onecycle', '--no-report', '--log-interval', str(args.steps)]
 
 
-def toolkit_rate(args, method: str, data: Path, out: Path) -> float:
-    """train_gpu.py's median training images/s over the epochs after the first."""
-    run([sys.executable, 'train_gpu.py', '--data-root', str(data), '--output-dir', str(out), '--model', args.model,
-         '--method', method, '--img-size', str(args.img_size), '--batch-size', str(args.batch_size),
-         '--workers', str(args.workers), '--epochs', str(args.epochs), '--lr', '1e-3', '--pretrained', 'none',
-         '--scale', '1', '1', '--ratio', '1', '1', '--hflip', '0.5', '--aa', '', '--color-jitter', '0',
-         '--reprob', '0', '--mixup', '0', '--cutmix', '0', '--drop-path', '0', '--smoothing', '0.1',
-         '--no-model-ema', '--sched', 'onecycle', '--no-report', '--log-interval', str(args.steps)],
-        f'train_gpu.py --method {method}')
+def plain_command(args, method: str, data: Path) -> list:
+    return [sys.executable, 'tools/plain_loop.py', '--data-root', str(data), '--model', args.model,
+            '--method', method, '--img-size', str(args.img_size), '--batch-size', str(args.batch_size),
+            '--workers', str(args.workers), '--epochs', str(args.epochs), '--lr', '1e-3', '--amp']
+
+
+def run(commands, logs: Path, together: bool) -> list:
+    """The output of each command, run one after the other, or all at once with ``together``. Each writes into a
+    file in ``logs``, not a pipe: a pipe nobody reads while the other side runs would stall it."""
+    def start(index: int, command):
+        with open(logs / f'{index}.log', 'w') as f:
+            return subprocess.Popen(command, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+
+    def finish(index: int, process) -> str:
+        code = process.wait()
+        text = (logs / f'{index}.log').read_text()
+        if code:
+            raise SystemExit(f"error: {' '.join(commands[index][1:3])} failed (exit {code}):\n{text[-2000:]}")
+        return text
+    if together:
+        return [finish(i, process) for i, process in enumerate([start(i, c) for i, c in enumerate(commands)])]
+    return [finish(i, start(i, c)) for i, c in enumerate(commands)]
+
+
+def toolkit_rate(out: Path) -> float:
+    """train_gpu.py's median training images/s over the epochs after the first (log.csv)."""
     with open(out / 'log.csv') as f:
-        rows = list(csv.DictReader(f))
-    return statistics.median(float(r['train_images_per_s']) for r in rows[1:])
+        return statistics.median(float(row['train_images_per_s']) for row in list(csv.DictReader(f))[1:])
 
 
-def plain_rate(args, method: str, data: Path) -> float:
+def plain_rate(stdout: str) -> float:
     """tools/plain_loop.py's median training images/s over the epochs after the first."""
-    out = run([sys.executable, 'tools/plain_loop.py', '--data-root', str(data), '--model', args.model,
-               '--method', method, '--img-size', str(args.img_size), '--batch-size', str(args.batch_size),
-               '--workers', str(args.workers), '--epochs', str(args.epochs), '--lr', '1e-3', '--amp'],
-              f'tools/plain_loop.py --method {method}')
-    rates = [float(r) for r in re.findall(r'train ([\d.]+) images/s', out)]
-    return statistics.median(rates[1:])
+    return statistics.median(float(r) for r in re.findall(r'train ([\d.]+) images/s', stdout)[1:])
 
 
 def main(argv=None) -> None:
@@ -82,6 +96,9 @@ def main(argv=None) -> None:
     p.add_argument('--steps', type=int, default=20, help='training steps per epoch (sets the data size)')
     p.add_argument('--epochs', type=int, default=3, help='per run; the first is warm-up')
     p.add_argument('--rounds', type=int, default=3, help='runs of each side per method, interleaved')
+    p.add_argument('--together', action='store_true',
+                   help='run the two sides of a round at the same time, so that they share the same load of a busy '
+                        'CPU machine (never on one GPU: they would share it)')
     args = p.parse_args(argv)
     if args.epochs < 2:
         p.error('--epochs must be at least 2: the first is warm-up')
@@ -89,15 +106,15 @@ def main(argv=None) -> None:
         data = make_folder(Path(tmp) / 'data', args.steps * args.batch_size, args.img_size)
         ratios = {m: [] for m in args.methods}
         print(f'{args.model} at {args.img_size} px, batch {args.batch_size}, {args.workers} workers, '
-              f'{args.steps} steps x {args.epochs} epochs (first: warm-up)')
+              f"{args.steps} steps x {args.epochs} epochs (first: warm-up){', sides together' if args.together else ''}")
         print('round  method  plain img/s  train_gpu img/s  ratio')
         for round_ in range(args.rounds):
             for method in args.methods:
-                sides = [lambda: plain_rate(args, method, data),
-                         lambda: toolkit_rate(args, method, data, Path(tmp) / f'run-{round_}-{method}')]
-                order = sides if round_ % 2 == 0 else sides[::-1]
-                first, second = (side() for side in order)
-                plain, toolkit = (first, second) if round_ % 2 == 0 else (second, first)
+                out = Path(tmp) / f'run-{round_}-{method}'
+                commands = [plain_command(args, method, data), toolkit_command(args, method, data, out)]
+                flip = round_ % 2 == 1  # the side that goes first alternates
+                outputs = run(commands[::-1] if flip else commands, Path(tmp), args.together)
+                plain, toolkit = plain_rate(outputs[-1 if flip else 0]), toolkit_rate(out)
                 ratios[method].append(toolkit / plain)
                 print(f'{round_:5d}  {method:6s}  {plain:11.1f}  {toolkit:15.1f}  {toolkit / plain:5.3f}', flush=True)
     dense = statistics.median(ratios[args.methods[0]])

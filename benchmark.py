@@ -18,7 +18,7 @@ from datasets.images import try_load_rgb
 from models.registry import available_methods
 from utils.benchmark import (BenchConfig, ModelSource, input_images, markdown_table, parse_sweep, run_rows,
                              stack_token_maps, write_outputs)
-from utils.cli_args import HelpFormatter, device_flag, model_flags, weights_flag
+from utils.cli_args import HelpFormatter, compile_flag, device_flag, model_flags, weights_flag
 from utils.config import parse_key_values
 from utils.distributed import pick_device
 from utils.errors import UserError, run_cli
@@ -30,7 +30,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter,
                                 parents=[model_flags('deit_small_patch16_224'),
                                          weights_flag(required=False, note=': rows use its weights (and model)'),
-                                         device_flag()])
+                                         device_flag(), compile_flag()])
     p.add_argument('--img-size', type=int, default=224)
     p.add_argument('--methods', nargs='*', default=None,
                    help='methods with their default settings (default: every available one)')
@@ -59,6 +59,8 @@ def main(argv=None) -> int:
 def run(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile and args.warmup < 1:
+        raise UserError('--compile needs --warmup 1 or more: the warm-up runs compile the model, outside the timing')
     if args.data_root and not args.weights:
         raise UserError('--data-root measures accuracy, which needs trained --weights (a best.pth)')
     device = pick_device(args.device)
@@ -84,12 +86,14 @@ def run(args) -> None:
         evaluate = accuracy_evaluator(checkpoint, samples, device, args.batch_size)
         files = [path for path, _ in samples]
     cfg = BenchConfig(model_name, img_size, args.batch_size, device, amp_dtype, args.runs, args.warmup,
-                      args.mac_images, args.train, num_classes, parse_key_values(args.model_kwargs), args.runtime)
+                      args.mac_images, args.train, num_classes, parse_key_values(args.model_kwargs), args.runtime,
+                      args.compile)
     methods = available_methods() if args.methods is None and not args.sweep else args.methods
     settings = parse_sweep(args.sweep, methods)
     header = (f"{model_name} at {img_size} px, batch {args.batch_size}, "
               f"{'training (forward + backward)' if args.train else 'inference'}"
-              f"{', AMP ' + str(amp_dtype).split('.')[-1] if amp_dtype else ''}; {machine_description(device)}")
+              f"{', AMP ' + str(amp_dtype).split('.')[-1] if amp_dtype else ''}{', compiled' if args.compile else ''}; "
+              f"{machine_description(device)}")
     print(header)
     images = input_images(cfg, files, checkpoint['data_config'] if files else None)
     out_dir = Path(args.output_dir or Path('runs') / f"benchmark-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 from models.registry import method_override
-from utils.cli_args import HelpFormatter, device_flag, method_flags, model_flags, weights_flag
+from utils.cli_args import HelpFormatter, compile_flag, device_flag, method_flags, model_flags, weights_flag
 from utils.config import given_flags
 from utils.errors import UserError, run_cli
 
@@ -25,7 +25,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser('predict.py', description=__doc__.split('\n\n')[0],
                                 formatter_class=HelpFormatter,
                                 parents=[weights_flag(required=False, note='; or --model'), model_flags(None),
-                                         device_flag(), method_flags(override=True)])
+                                         device_flag(), compile_flag(), method_flags(override=True)])
     p.add_argument('--pretrained', nargs='?', const=True, metavar='WEIGHTS',
                    help="with --model, the weights to predict with: not given or alone, the model's default timm "
                         "weights; a timm tag, hf-hub:ORG/NAME or a .pth / .safetensors file (as train_gpu.py's)")
@@ -97,7 +97,8 @@ def run_labelled(args, method, cfg, device, amp_dtype) -> None:
         raise UserError(f"no readable images in class folders under '{root}'; expected {root}/<class>/<image>")
     out = Path(args.output_dir) if args.output_dir else default_output(args.weights, Path(args.data_root).name)
     summary = write_report(args.weights, scan.samples, scan.classes, out, device, args.batch_size, args.workers,
-                           method, cfg, scan.skipped, top_k=args.topk, amp_dtype=amp_dtype)
+                           method, cfg, scan.skipped, top_k=args.topk, amp_dtype=amp_dtype,
+                           compile_model=args.compile)
     if args.token_maps:
         from utils.report import add_plot
         picked = scan.samples[::max(1, len(scan.samples) // args.n_visualization)][:args.n_visualization]

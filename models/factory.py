@@ -191,10 +191,14 @@ def model_from_checkpoint(ckpt: dict, source: str = 'checkpoint', method: Option
 
 
 def load_for_inference(path, device='cpu', method: Optional[str] = None,
-                       method_cfg: Optional[dict] = None) -> Tuple[nn.Module, dict]:
-    """(model in eval mode on ``device``, checkpoint metadata) from a toolkit checkpoint."""
+                       method_cfg: Optional[dict] = None, compile_model=False) -> Tuple[nn.Module, dict]:
+    """(model in eval mode on ``device``, torch.compile'd with ``compile_model``, a --compile value: True or a
+    backend; checkpoint metadata) from a toolkit checkpoint."""
     ckpt = load_toolkit_checkpoint(path)
     model = model_from_checkpoint(ckpt, str(path), method, method_cfg).to(device).eval()
+    if compile_model:
+        from utils.cli_args import compile_backend
+        model = torch.compile(model, backend=compile_backend(compile_model))
     meta = {k: ckpt[k] for k in META_KEYS}
     meta.update(epoch=ckpt.get('epoch'), best_metric=ckpt.get('best_metric'))
     return model, meta

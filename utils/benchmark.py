@@ -64,6 +64,7 @@ class BenchConfig:
     num_classes: int = 1000
     model_kwargs: dict = field(default_factory=dict)
     runtimes: Sequence[str] = ('torch',)  # 'onnxruntime' adds each row's images/s as an exported ONNX graph
+    compile: object = False  # time each row's model under torch.compile (a --compile value: True or a backend)
 
 
 class ModelSource:
@@ -111,16 +112,27 @@ def input_images(cfg: BenchConfig, files: Optional[Sequence[str]] = None,
     return torch.stack([transform(img) for img in images])
 
 
+def timed_model(model, cfg: BenchConfig):
+    """The model the timings run: with ``cfg.compile``, compiled afresh for the row (dynamo's caches cleared, so
+    that a sweep's settings never reach its recompile limit and fall back to eager); the warm-up runs compile it."""
+    if not cfg.compile:
+        return model
+    from utils.cli_args import compile_backend
+    torch._dynamo.reset()
+    return torch.compile(model, backend=compile_backend(cfg.compile))
+
+
 def measure_row(model, cfg: BenchConfig, images: torch.Tensor) -> dict:
     """Parameters, GMACs (over the first ``cfg.mac_images`` images), images/s at the batch size, batch-1 latency,
     peak memory of one model."""
     device = cfg.device
     macs, skipped = count_macs(model, images[:cfg.mac_images].to(device))
     batch = images[torch.arange(cfg.batch_size) % len(images)].to(device)
+    timed = timed_model(model, cfg)
     reset_peak_memory(device)
-    images_per_s = time_forward(model, batch, cfg.runs, cfg.warmup, cfg.amp_dtype, cfg.train)
+    images_per_s = time_forward(timed, batch, cfg.runs, cfg.warmup, cfg.amp_dtype, cfg.train)
     memory = peak_memory_mib(device)
-    latency_ms = 1000 / time_forward(model, batch[:1], cfg.runs, cfg.warmup, cfg.amp_dtype, cfg.train)
+    latency_ms = 1000 / time_forward(timed, batch[:1], cfg.runs, cfg.warmup, cfg.amp_dtype, cfg.train)
     model.eval()
     return dict(params_m=sum(p.numel() for p in model.parameters()) / 1e6, gmacs=macs / 1e9,
                 images_per_s=images_per_s, latency_ms=latency_ms, peak_mem_mib=memory,

@@ -4,7 +4,9 @@ torchrun (and the legacy launcher with or without ``--use_env``) sets RANK, WORL
 legacy launcher without ``--use_env`` also passes ``--local-rank``, which the argument parser accepts.
 NCCL on CUDA, gloo on the CPU. Collectives of the training step time out after ``--dist-timeout`` seconds
 (torch's default without it); where processes wait on process 0's work of unknown length (the data scan, the run
-folder, the demo data, the final report) they wait in a gloo group of ``WAIT_TIMEOUT``.
+folder, the demo data, the final report) they wait in a gloo group of ``WAIT_TIMEOUT``. Flags known on the host
+(``any_process``: a batch that failed to load, a non-finite loss) go through a gloo group of their own, on the CPU:
+asked every training step, they never wait for the GPU's queued work.
 """
 import logging
 import os
@@ -20,6 +22,7 @@ from utils.errors import UserError
 log = logging.getLogger(__name__)
 WAIT_TIMEOUT = timedelta(days=7)  # how long a process waits for process 0's work (a scan of any size)
 _waiting_group = None  # the gloo group of those waits
+_flag_group = None  # the gloo group of host-side flags (``any_process``), with the training step's timeout
 
 
 @dataclass
@@ -65,7 +68,7 @@ def pick_device(name: str, local_rank: int = 0, world_size: int = 1, cuda_availa
 def init_distributed(device_name: str = 'auto', local_rank=None, timeout_s: Optional[float] = None) -> DistInfo:
     """Join the process group the launcher set up (if any), its collectives timing out after ``timeout_s``
     (torch's default when None), and pick this process's device."""
-    global _waiting_group
+    global _waiting_group, _flag_group
     world_size = int(os.environ.get('WORLD_SIZE', 1))
     rank = int(os.environ.get('RANK', 0))
     local_rank = int(os.environ.get('LOCAL_RANK', local_rank if local_rank is not None else 0))
@@ -73,9 +76,11 @@ def init_distributed(device_name: str = 'auto', local_rank=None, timeout_s: Opti
     if world_size > 1 and not dist.is_initialized():
         if device.type == 'cuda':
             torch.cuda.set_device(device)
+        timeout = timedelta(seconds=timeout_s) if timeout_s else None
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=timeout_s) if timeout_s else None)
+                                timeout=timeout)
         _waiting_group = dist.new_group(backend='gloo', timeout=WAIT_TIMEOUT)
+        _flag_group = dist.new_group(backend='gloo', timeout=timeout)
     return DistInfo(rank, world_size, local_rank, device)
 
 
@@ -87,11 +92,14 @@ def all_reduce_sum(values, device) -> torch.Tensor:
     return t
 
 
-def any_process(flag: bool, device) -> bool:
-    """Whether ``flag`` holds on any process (just ``flag`` in a single process: no tensor, no sync)."""
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` holds on any process (just ``flag`` in a single process). Reduced on the CPU in a gloo
+    group, so that it syncs no device: under NCCL a device tensor's ``.item()`` would wait for the GPU every step."""
     if not (dist.is_available() and dist.is_initialized()):
         return flag
-    return all_reduce_sum([float(flag)], device).item() > 0
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, group=_flag_group)
+    return t.item() > 0
 
 
 def gather_lists(items: list) -> list:
@@ -137,7 +145,7 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    global _waiting_group
+    global _waiting_group, _flag_group
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    _waiting_group = None
+    _waiting_group = _flag_group = None

@@ -59,12 +59,13 @@ def mix(mixup, images, targets):
     return mixup(images, targets)
 
 
-def check_finite(bad_loss: torch.Tensor, epoch: int, first: int, last: int, device) -> None:
-    """Stop the run when a loss of steps ``first``..``last`` was NaN or infinite on any process (``bad_loss``
-    holds the last such value, else 0). Checked every ``log_interval`` steps and at the end of the epoch (one host
-    sync each), so the run stops before any checkpoint of the damaged weights is written."""
-    value = bad_loss.item()
-    if any_process(not math.isfinite(value), device):
+def check_finite(loss_sum: torch.Tensor, epoch: int, first: int, last: int) -> None:
+    """Stop the run when a loss of steps ``first``..``last`` was NaN or infinite on any process: the epoch's running
+    sum of the losses (on the device) turns NaN or infinite with the first such loss and stays so. Checked every
+    ``log_interval`` steps and at the end of the epoch (one host sync each), so the run stops before any checkpoint
+    of the damaged weights is written."""
+    value = loss_sum.item()
+    if any_process(not math.isfinite(value)):
         raise Diverged(f'the loss became {value if not math.isfinite(value) else "non-finite on another process"} '
                        f'at epoch {epoch}, steps {first}-{last}; training stopped')
 
@@ -87,7 +88,6 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: Callable, sett
     bar = tqdm(loader, desc=f'epoch {epoch}', disable=not settings.show_progress, leave=False, dynamic_ncols=True)
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=settings.device)  # on the device: no host sync per step
-    bad_loss = torch.zeros((), device=settings.device)  # the last NaN / inf loss since the last check
     first_unchecked = 0
     logged = (0.0, 0)  # loss_sum and seen at the last log_step
     for step, batch in enumerate(bar):
@@ -95,7 +95,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: Callable, sett
             failed += batch.failed
         # a batch whose files all failed to decode (already warned) is skipped by every process together,
         # so that no process waits alone in a collective
-        if any_process(batch.images is None, settings.device):
+        if any_process(batch.images is None):
             continue
         images, targets = _to_device(batch.images, batch.targets, settings)
         n = images.shape[0]
@@ -115,15 +115,14 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: Callable, sett
                 added = extra_loss(model)
                 if added is not None:
                     loss = loss + added
-            scaled = loss / settings.accum_steps
+            scaled = loss / settings.accum_steps if settings.accum_steps > 1 else loss
             if settings.scaler is not None:
                 settings.scaler.scale(scaled).backward()
             else:
                 scaled.backward()
-        detached = loss.detach().float()
-        bad_loss = torch.where(torch.isfinite(detached), bad_loss, detached)
+        loss_sum.add_(loss.detach().float(), alpha=n)  # one kernel a step: the mean loss and the NaN check
         if (step + 1) % settings.log_interval == 0:
-            check_finite(bad_loss, epoch, first_unchecked, step, settings.device)
+            check_finite(loss_sum, epoch, first_unchecked, step)
             first_unchecked = step + 1
             if settings.show_progress:
                 bar.set_postfix(loss=f'{loss.item():.4f}', lr=f"{optimizer.param_groups[0]['lr']:.2e}",
@@ -144,14 +143,13 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: Callable, sett
                 scheduler.step_update(num_updates=num_updates)
             if ema is not None:
                 ema.update(unwrap(model), step=num_updates)
-        loss_sum += detached * n
         seen += n
         if log_step is not None and (step + 1) % settings.log_interval == 0:
             total = loss_sum.item()
             log_step(num_updates, dict(loss=(total - logged[0]) / max(seen - logged[1], 1),
                                        lr=optimizer.param_groups[0]['lr']))
             logged = (total, seen)
-    check_finite(bad_loss, epoch, first_unchecked, steps - 1, settings.device)
+    check_finite(loss_sum, epoch, first_unchecked, steps - 1)
     if settings.device.type == 'cuda':
         torch.cuda.synchronize(settings.device)
     elapsed = time.time() - start

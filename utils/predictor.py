@@ -153,11 +153,11 @@ def map_to_checkpoint_classes(samples, data_classes: Sequence[str], ckpt_classes
 def write_report(weights_path, samples, class_names, output_dir, device='cpu', batch_size: int = 64,
                  workers: int = 0, method: Optional[str] = None, method_cfg_override: Optional[dict] = None,
                  skipped: Sequence[Tuple[str, str]] = (), progress: bool = True, top_k: int = 5,
-                 amp_dtype: Optional[torch.dtype] = None) -> dict:
-    """Predict ``samples`` (indices into ``class_names``) with the checkpoint and write the full report, with
+                 amp_dtype: Optional[torch.dtype] = None, compile_model=False) -> dict:
+    """Predict ``samples`` (indices into ``class_names``) with the checkpoint (torch.compile'd with ``compile_model``: a --compile value) and write the full report, with
     the top-``top_k`` accuracy."""
     from utils.report import write_labelled_report
-    model, meta = load_for_inference(weights_path, device, method, method_cfg_override)
+    model, meta = load_for_inference(weights_path, device, method, method_cfg_override, compile_model)
     samples, unknown = map_to_checkpoint_classes(samples, class_names, meta['class_names'])
     result = predict(model, samples, meta['data_config'], device, batch_size, workers, progress, amp_dtype)
     if len(result.paths) == 0:

@@ -7,7 +7,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from timm.data import Mixup
@@ -132,7 +132,8 @@ def run_epochs(run_dir: Path, args, info: DistInfo, split: Split, model, meta: d
     """Train (in the curriculum's stage of the epoch) and validate each epoch, write its checkpoints and log row
     (also to curves.png and the trackers); then the final report, and best.pth's row and the report to the
     trackers."""
-    train_model = wrap_for_training(model, args, info)
+    train_model, eval_model = wrap_for_training(model, args, info)
+    ema_model = compiled(opt.ema.module, args) if opt.ema else None
     settings = StepSettings(info.device, opt.amp_dtype, opt.scaler, args.accum_steps, args.clip_grad,
                             args.channels_last, show_progress=info.is_main, log_interval=args.log_interval)
     for epoch in range(progress.start_epoch, args.epochs):
@@ -148,9 +149,9 @@ def run_epochs(run_dir: Path, args, info: DistInfo, split: Split, model, meta: d
         if opt.loss_term is not None:
             train_stats.update(opt.loss_term.epoch_stats())
         progress.num_updates = train_stats['num_updates']
-        val_stats = evaluate(model, val_loader, settings, len(split.classes), failed_val)
-        ema_stats = evaluate(opt.ema.module, val_loader, settings, len(split.classes)) if opt.ema else None
-        check_diverged(epoch, val_stats, model, opt.ema, info.device)
+        val_stats = evaluate(eval_model, val_loader, settings, len(split.classes), failed_val)
+        ema_stats = evaluate(ema_model, val_loader, settings, len(split.classes)) if opt.ema else None
+        check_diverged(epoch, val_stats, model, opt.ema)
         if epoch == 0:
             failed_train += load_unmet_files(loader, split, args, info)
         record_load_failures(run_dir, split, failed_train, failed_val, info)
@@ -170,13 +171,13 @@ def run_epochs(run_dir: Path, args, info: DistInfo, split: Split, model, meta: d
         trackers.finish(run_dir, progress.best_epoch)
 
 
-def check_diverged(epoch: int, val_stats: dict, model, ema: Optional[ModelEmaV3], device) -> None:
+def check_diverged(epoch: int, val_stats: dict, model, ema: Optional[ModelEmaV3]) -> None:
     """Stop before any checkpoint of this epoch is written when its weights (or EMA weights) or its validation
     loss are not finite: the last update can spoil the weights after the last loss was checked."""
     spoiled = [what for what, ok in (('the weights', finite_state(unwrap(model).state_dict())),
                                      ('the EMA weights', ema is None or finite_state(ema.module.state_dict())),
                                      ('the validation loss', math.isfinite(val_stats['val_loss']))) if not ok]
-    if any_process(bool(spoiled), device):
+    if any_process(bool(spoiled)):
         raise Diverged(f"{' and '.join(spoiled) or 'the weights on another process'} became NaN or infinite "
                        f"in epoch {epoch}; training stopped before saving them")
 
@@ -376,14 +377,20 @@ def resume(ckpt: dict, args, model, opt: Optimisation, progress: Progress, info:
              f"(best {describe(progress.best, args.eval_metric)} at epoch {progress.best_epoch})")
 
 
-def wrap_for_training(model, args, info: DistInfo) -> nn.Module:
-    """The model as the training step calls it: compiled and/or in DistributedDataParallel."""
-    if args.compile:
-        model = torch.compile(model, backend=compile_backend(args.compile))
-    if info.distributed:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.device.index] if info.device.type == 'cuda' else None)
-    return model
+def compiled(model: nn.Module, args) -> nn.Module:
+    """``model`` under torch.compile with --compile (its backend). The compiled module shares ``model``'s weights;
+    checkpoints save ``model``'s own state dict (a compiled one's keys would start with ``_orig_mod.``)."""
+    return torch.compile(model, backend=compile_backend(args.compile)) if args.compile else model
+
+
+def wrap_for_training(model, args, info: DistInfo) -> Tuple[nn.Module, nn.Module]:
+    """The model as the training step calls it (compiled and/or in DistributedDataParallel) and as evaluation
+    calls it: the same compiled module, never in DDP (each process evaluates its own shard of the images)."""
+    model = compiled(model, args)
+    if not info.distributed:
+        return model, model
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[info.device.index] if info.device.type == 'cuda' else None), model
 
 
 def end_epoch(run_dir: Path, epoch: int, seconds: float, train_stats: dict, val_stats: dict,

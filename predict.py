@@ -26,7 +26,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     source.add_argument('--data-root', help='labelled folder (class sub-folders, or a root with val/)')
     source.add_argument('--images', nargs='+', help='image files or folders to classify')
     p.add_argument('--output-dir', help='default: predict-<name>-<time> next to the weights')
-    p.add_argument('--topk', type=int, default=5, help='classes listed per image with --images')
+    p.add_argument('--topk', type=int, default=5, help='classes listed per image with --images; the top-k '
+                   'accuracy and, beyond 20 classes, the label_i / prob_i columns of predictions.csv')
+    p.add_argument('--save-probs', action='store_true',
+                   help='also write every probability: probabilities.npy (float32) and classes.json')
     p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--token-maps', action='store_true', help='draw what the method did to the tokens')
@@ -41,7 +44,7 @@ def default_output(weights: str, name: str) -> Path:
 def run_labelled(args, method, cfg, device) -> None:
     from datasets.folder import labelled_root, scan_classes
     from utils.predictor import write_report
-    from utils.report import read_report_csv
+    from utils.report import per_class_shown, read_report_csv
     root = labelled_root(args.data_root)
     if root != Path(args.data_root):
         print(f"scoring '{root}', the validation split of '{args.data_root}'")
@@ -50,14 +53,14 @@ def run_labelled(args, method, cfg, device) -> None:
         raise UserError(f"no readable images in class folders under '{root}'; expected {root}/<class>/<image>")
     out = Path(args.output_dir) if args.output_dir else default_output(args.weights, Path(args.data_root).name)
     summary = write_report(args.weights, scan.samples, scan.classes, out, device, args.batch_size, args.workers,
-                           method, cfg, scan.skipped)
+                           method, cfg, scan.skipped, topk=args.topk, save_probs=args.save_probs)
     if args.token_maps:
         from utils.report import add_plot
         picked = scan.samples[::max(1, len(scan.samples) // args.n_visualization)][:args.n_visualization]
         draw_token_maps(args, method, cfg, device, [p for p, _ in picked], out)
         add_plot(out, 'Token maps', 'token_maps.png')
-    table = read_report_csv(out / 'per_class_report.csv')
-    print(table.to_string(float_format=lambda v: f'{v:.4f}'))
+    table, note = per_class_shown(read_report_csv(out / 'per_class_report.csv'), len(summary['classes_in_data']))
+    print(table.to_string(float_format=lambda v: f'{v:.4f}') + (f'\n{note}' if note else ''))
     print(f"accuracy {summary['accuracy'] * 100:.2f}% on {summary['images']} images "
           f"(top-{summary['top_k']} {summary['top_k_accuracy'] * 100:.2f}%), {summary['skipped_files']} skipped; "
           f"report: {out / 'report.html'}")
@@ -67,7 +70,7 @@ def run_images(args, method, cfg, device) -> None:
     from datasets.images import check_image
     from models.factory import load_for_inference
     from utils.predictor import predict
-    from utils.report import predictions_table, write_predictions
+    from utils.report import predictions_table, write_predictions, write_probabilities
     from datasets.folder import image_files
     files = image_files(args.images)
     bad = [(f, why) for f in files if (why := check_image(Path(f)))]
@@ -87,8 +90,10 @@ def run_images(args, method, cfg, device) -> None:
         print(f"{path}: " + ', '.join(f'{names[i]} {p[i]:.3f}' for i in top))
     out = Path(args.output_dir) if args.output_dir else default_output(args.weights, 'images')
     out.mkdir(parents=True, exist_ok=True)
-    write_predictions(predictions_table(result.probs, result.targets, result.paths, names).drop(columns=['true']),
+    write_predictions(predictions_table(result.probs, result.targets, result.paths, names, k).drop(columns=['true']),
                       out / 'predictions.csv')
+    if args.save_probs:
+        write_probabilities(result.probs, names, out)
     if args.token_maps:
         draw_token_maps(args, method, cfg, device, result.paths[:args.n_visualization], out)
     print(f"{len(result.paths)} images classified, {len(bad) + len(result.failed)} skipped; {out / 'predictions.csv'}")
@@ -106,6 +111,8 @@ def main(argv=None) -> int:
 
     def run():
         from utils.distributed import pick_device
+        if args.topk < 1:
+            raise UserError(f'--topk must be 1 or more (got {args.topk})')
         method, cfg = method_override(args, given_flags(get_args_parser, argv))
         (run_labelled if args.data_root else run_images)(args, method, cfg, pick_device(args.device))
     return run_cli(run)

@@ -78,8 +78,10 @@ def map_to_checkpoint_classes(samples, data_classes: Sequence[str], ckpt_classes
 
 def write_report(weights_path, samples, class_names, output_dir, device='cpu', batch_size: int = 64,
                  workers: int = 0, method: Optional[str] = None, method_cfg_override: Optional[dict] = None,
-                 skipped: Sequence[Tuple[str, str]] = (), progress: bool = True) -> dict:
-    """Predict ``samples`` (indices into ``class_names``) with the checkpoint and write the full report."""
+                 skipped: Sequence[Tuple[str, str]] = (), progress: bool = True, topk: int = 5,
+                 save_probs: bool = False) -> dict:
+    """Predict ``samples`` (indices into ``class_names``) with the checkpoint and write the full report
+    (``topk`` and ``save_probs`` as ``write_labelled_report``'s)."""
     from utils.report import write_labelled_report
     model, meta = load_for_inference(weights_path, device, method, method_cfg_override)
     samples, unknown = map_to_checkpoint_classes(samples, class_names, meta['class_names'])
@@ -92,7 +94,7 @@ def write_report(weights_path, samples, class_names, output_dir, device='cpu', b
                    method_cfg=method_cfg(model), unknown_classes=unknown, skipped=skipped,
                    images_per_s=result.images_per_s, method_stats=result.stats)
     return write_labelled_report(result.probs, result.targets, result.paths, meta['class_names'],
-                                 Path(output_dir), context)
+                                 Path(output_dir), context, topk, save_probs)
 
 
 def labelled_samples(checkpoint: dict, data_root) -> List[Tuple[str, int]]:

@@ -1,14 +1,15 @@
 """predict.py on 1,000 classes x 10,000 images against a plain loop + scikit-learn: time and peak memory, as ratios.
 
-    python tools/predict_scale.py --work /tmp/predict-scale [--classes 1000 --per-class 10 --workers 2]
+    python tools/predict_scale.py --work /tmp/predict-scale [--classes 1000 --per-class 10 --workers 2 --repeats 3]
 
 Builds once in ``--work``: a toolkit checkpoint of a tiny ViT (32 px, patch 8, depth 4, dim 64, random weights)
 with a ``--classes`` head, and ``--per-class`` generated 32 px PNGs in each of that many class folders. Then runs,
 each in a process of its own: ``predict.py --data-root`` on them (the whole report), and the reference, the same
 folder scan and loader (``utils.data.eval_loader``) in a plain ``torch.inference_mode()`` loop followed by
 scikit-learn's accuracy_score, classification_report, confusion_matrix and roc_auc_score (one-vs-rest, macro).
-Prints each one's seconds (timed inside the process, after its imports) and peak resident memory (``os.wait4``),
-then predict.py / reference.
+Prints each one's seconds (timed inside the process, its start-up excluded) and peak resident memory
+(``os.wait4``), of the fastest of ``--repeats`` alternating runs (a shared machine's load varies), then
+predict.py / reference.
 """
 import argparse
 import json
@@ -49,8 +50,8 @@ def build_case(work: Path, classes: int, per_class: int) -> None:
             Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f'{i:02d}.png')
 
 
-def reference(work: Path, workers: int, batch_size: int) -> float:
-    """Seconds of the plain loop + scikit-learn's metrics on the same images."""
+def reference(work: Path, workers: int, batch_size: int) -> None:
+    """The plain loop + scikit-learn's metrics on the same images."""
     import numpy as np
     import torch
     from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, roc_auc_score
@@ -58,7 +59,6 @@ def reference(work: Path, workers: int, batch_size: int) -> float:
     from datasets.transforms import eval_transform
     from models.factory import load_for_inference
     from utils.data import eval_loader
-    start = time.perf_counter()
     model, meta = load_for_inference(work / 'best.pth')
     scan = scan_classes(work / 'data')
     loader = eval_loader(scan.samples, eval_transform(meta['data_config']), batch_size, workers)
@@ -74,15 +74,19 @@ def reference(work: Path, workers: int, batch_size: int) -> float:
     confusion_matrix(targets, predicted)
     roc_auc_score(targets, probs / probs.sum(1, keepdims=True), multi_class='ovr')
     assert len(np.unique(targets)) == len(scan.classes)
-    return time.perf_counter() - start
 
 
-def predict_py(work: Path, workers: int, batch_size: int) -> float:
-    """Seconds of predict.py's labelled report on the images."""
+def predict_py(work: Path, workers: int, batch_size: int) -> None:
+    """predict.py's labelled report on the images."""
     import predict
-    start = time.perf_counter()
     assert predict.main(['--weights', str(work / 'best.pth'), '--data-root', str(work / 'data'), '--output-dir',
                          str(work / 'report'), '--workers', str(workers), '--batch-size', str(batch_size)]) == 0
+
+
+def timed(job, *args) -> float:
+    """Wall seconds of ``job(*args)``, its own imports included."""
+    start = time.perf_counter()
+    job(*args)
     return time.perf_counter() - start
 
 
@@ -105,16 +109,22 @@ def main(argv=None) -> None:
     p.add_argument('--per-class', type=int, default=10)
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--repeats', type=int, default=3, help='runs of each; the fastest counts')
     p.add_argument('--job', choices=['reference', 'predict'], help=argparse.SUPPRESS)  # a measured process
     args = p.parse_args(argv)
     if args.job:
         job = reference if args.job == 'reference' else predict_py
-        print(json.dumps(dict(seconds=job(args.work, args.workers, args.batch_size))))
+        print(json.dumps(dict(seconds=timed(job, args.work, args.workers, args.batch_size))))
         return
     build_case(args.work, args.classes, args.per_class)
-    ref_s, ref_mb = measured('reference', args)
-    pred_s, pred_mb = measured('predict', args)
-    print(f'{args.classes} classes x {args.per_class} images, workers {args.workers}, batch {args.batch_size}')
+    runs = {'reference': [], 'predict': []}
+    for _ in range(args.repeats):  # alternating, so that both meet the same load of a shared machine
+        for job, times in runs.items():
+            times.append(measured(job, args))
+    (ref_s, ref_mb), (pred_s, pred_mb) = (min(times) for times in runs.values())
+    print(f'{args.classes} classes x {args.per_class} images, workers {args.workers}, batch {args.batch_size}; '
+          f'the fastest of {args.repeats} runs each (all: ' +
+          ', '.join(f"{job} {' '.join(f'{t[0]:.1f}' for t in times)} s" for job, times in runs.items()) + ')')
     print(f'plain loop + scikit-learn: {ref_s:6.1f} s, peak RSS {ref_mb:6.0f} MiB')
     print(f'predict.py (full report):  {pred_s:6.1f} s, peak RSS {pred_mb:6.0f} MiB')
     print(f'predict.py / plain: time {pred_s / ref_s:.2f}x, peak RSS {pred_mb / ref_mb:.2f}x')

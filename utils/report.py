@@ -2,10 +2,13 @@
 
 Metrics are scikit-learn's. Per-class figures cover the classes present in the data; predictions of a class
 absent from the data still count as mistakes; ROC and PR curves need both sides of a class in the data (n/a
-otherwise). With many classes the plots show the most confused / worst classes and say so in their titles,
-while the CSV files keep every class. Names are the user's folder and file names, whatever they hold: plot
-text is not read as maths (``$``), CSV cells that hold a name cannot start a spreadsheet formula (a leading
-``'`` as OWASP advises), file names that are not UTF-8 are written byte for byte (surrogate escapes).
+otherwise). With many classes the plots show the most confused / worst classes and say so in their titles, the
+page the worst rows of the per-class table, predictions.csv the top-k classes instead of every probability
+(``--save-probs`` keeps them all in probabilities.npy), while the other CSV files keep every class; nothing per
+image and class is a Python object (probabilities stay one float32 array). Names are the user's folder and file
+names, whatever they hold: plot text is not read as maths (``$``), CSV cells that hold a name cannot start a
+spreadsheet formula (a leading ``'`` as OWASP advises), file names that are not UTF-8 are written byte for byte
+(surrogate escapes).
 """
 import base64
 import html
@@ -103,7 +106,8 @@ def one_vs_rest(positive: np.ndarray, scores: np.ndarray) -> dict:
 
 def per_class_curves(probs: np.ndarray, targets: np.ndarray, classes: List[int]) -> dict:
     """{class: one_vs_rest} of the ``classes`` that have images of their own and of others in the data."""
-    return {c: one_vs_rest(targets == c, probs[:, c]) for c in classes if 0 < (targets == c).sum() < len(targets)}
+    return {c: one_vs_rest(positive, probs[:, c])
+            for c in classes if 0 < (positive := targets == c).sum() < len(targets)}
 
 
 def score(display) -> float:
@@ -114,8 +118,9 @@ def score(display) -> float:
 def average_curves(probs: np.ndarray, targets: np.ndarray, present: List[int], curves: dict) -> dict:
     """{'roc': [(name, display)], 'pr': [...]}: the micro-average (every image x class present as one binary
     decision) of both, and the macro-average ROC (the classes' true positive rates, averaged on a grid)."""
-    scores = probs if len(present) == probs.shape[1] else probs[:, present]
-    micro = one_vs_rest((targets[:, None] == np.asarray(present)).ravel(), scores.ravel())
+    scores = (probs if len(present) == probs.shape[1] else probs[:, present]).ravel()
+    order = np.argsort(scores, kind='stable')[::-1]  # sorted once: scikit-learn's two sorts then find it sorted
+    micro = one_vs_rest((targets[:, None] == np.asarray(present)).ravel()[order], scores[order])
     grid = np.linspace(0, 1, 201)
     mean_tpr = np.mean([np.interp(grid, d['roc'].fpr, d['roc'].tpr) for d in curves.values()], axis=0)
     macro = RocCurveDisplay(fpr=grid, tpr=mean_tpr, roc_auc=auc(grid, mean_tpr))

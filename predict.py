@@ -33,8 +33,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     source.add_argument('--data-root', help='labelled folder (class sub-folders, or a root with val/)')
     source.add_argument('--images', nargs='+', help='image files, folders or http(s):// URLs to classify')
     p.add_argument('--output-dir', help='default: predict-<name>-<time> next to the weights (with --model: here)')
-    p.add_argument('--topk', type=int, default=5,
-                   help='classes listed per image with --images; the top-k accuracy of a labelled folder')
+    p.add_argument('--topk', type=int, default=5, help='classes listed per image with --images; the top-k '
+                   'accuracy and, beyond 20 classes, the label_i / prob_i columns of predictions.csv')
+    p.add_argument('--save-probs', action='store_true',
+                   help='also write every probability: probabilities.npy (float32) and classes.json')
     p.add_argument('--format', choices=('csv', 'json'), default='csv',
                    help='--images: the predictions file, predictions.csv (every class probability) or '
                         'predictions.json (the top-k per image); the terminal shows the top-k either way')
@@ -70,7 +72,7 @@ def load_model(args, method, cfg, device):
     """(model, metadata) of the checkpoint (--weights) or of the timm model with its weights (--model)."""
     if args.weights:
         from models.factory import load_for_inference
-        return load_for_inference(args.weights, device, method, cfg)
+        return load_for_inference(args.weights, device, method, cfg, args.compile)
     from models.pretrained import describe_weights
     from utils.config import parse_key_values
     from utils.predictor import load_timm_for_inference
@@ -88,7 +90,7 @@ def default_output(weights, name: str) -> Path:
 def run_labelled(args, method, cfg, device, amp_dtype) -> None:
     from datasets.folder import labelled_root, scan_classes
     from utils.predictor import write_report
-    from utils.report import read_report_csv
+    from utils.report import per_class_shown, read_report_csv
     root = labelled_root(args.data_root)
     if root != Path(args.data_root):
         print(f"scoring '{root}', the validation split of '{args.data_root}'")
@@ -97,15 +99,15 @@ def run_labelled(args, method, cfg, device, amp_dtype) -> None:
         raise UserError(f"no readable images in class folders under '{root}'; expected {root}/<class>/<image>")
     out = Path(args.output_dir) if args.output_dir else default_output(args.weights, Path(args.data_root).name)
     summary = write_report(args.weights, scan.samples, scan.classes, out, device, args.batch_size, args.workers,
-                           method, cfg, scan.skipped, top_k=args.topk, amp_dtype=amp_dtype,
-                           compile_model=args.compile)
+                           method, cfg, scan.skipped, topk=args.topk, amp_dtype=amp_dtype,
+                           compile_model=args.compile, save_probs=args.save_probs)
     if args.token_maps:
         from utils.report import add_plot
         picked = scan.samples[::max(1, len(scan.samples) // args.n_visualization)][:args.n_visualization]
         draw_token_maps(*load_model(args, method, cfg, device), [p for p, _ in picked], out, args.n_visualization)
         add_plot(out, 'Token maps', 'token_maps.png')
-    table = read_report_csv(out / 'per_class_report.csv')
-    print(table.to_string(float_format=lambda v: f'{v:.4f}'))
+    table, note = per_class_shown(read_report_csv(out / 'per_class_report.csv'), len(summary['classes_in_data']))
+    print(table.to_string(float_format=lambda v: f'{v:.4f}') + (f'\n{note}' if note else ''))
     print(f"accuracy {summary['accuracy'] * 100:.2f}% on {summary['images']} images "
           f"(top-{summary['top_k']} {summary['top_k_accuracy'] * 100:.2f}%), {summary['skipped_files']} skipped; "
           f"report: {out / 'report.html'}")
@@ -134,7 +136,8 @@ def run_images(args, method, cfg, device, amp_dtype) -> None:
         for name, top in zip(shown, top_classes(result.probs, names, args.topk)):
             print(f"{name}: " + ', '.join(f'{n} {p:.3f}' for n, p in top))
         out = Path(args.output_dir) if args.output_dir else default_output(args.weights, 'images')
-        written = write_image_predictions(result.probs, shown, names, out, args.format, args.topk)
+        written = write_image_predictions(result.probs, shown, names, out, args.format, args.topk,
+                                           args.save_probs)
         if args.token_maps:
             draw_token_maps(model, meta, result.paths[:args.n_visualization], out, args.n_visualization)
     print(f"{len(result.paths)} images classified, {len(skipped) + len(result.failed)} skipped; {written}")

@@ -46,6 +46,7 @@ def test_labelled_report_agrees_with_predictions_and_sklearn(run, tmp_path):
                          '--output-dir', str(out), '--workers', '0']) == 0
     for name in REPORT_FILES:
         assert (out / name).is_file(), name
+    assert not (out / 'probabilities.npy').exists()  # only with --save-probs
     preds = pd.read_csv(out / 'predictions.csv')
     cm = pd.read_csv(out / 'confusion_matrix.csv', index_col=0)
     assert len(preds) == 60 and cm.values.sum() == 60

@@ -121,13 +121,16 @@ def top_classes(probs: np.ndarray, names: Sequence[str], k: int) -> List[List[Tu
 
 
 def write_image_predictions(probs: np.ndarray, files: Sequence[str], names: Sequence[str], out: Path, fmt: str,
-                            k: int) -> Path:
-    """The predictions of unlabelled images, as ``out``/predictions.csv (file, predicted, confidence, every class's
-    probability) or predictions.json (per image: file, predicted, confidence, its top-``k`` classes)."""
-    from utils.report import predictions_table, write_predictions
+                            k: int, save_probs: bool = False) -> Path:
+    """The predictions of unlabelled images, as ``out``/predictions.csv (file, predicted, confidence, then every
+    class's probability, or the top-``k`` beyond PROB_COLUMNS_MAX classes) or predictions.json (per image: file,
+    predicted, confidence, its top-``k`` classes); with ``save_probs`` also probabilities.npy and classes.json."""
+    from utils.report import predictions_table, write_predictions, write_probabilities
     out.mkdir(parents=True, exist_ok=True)
+    if save_probs:
+        write_probabilities(probs, names, out)
     if fmt == 'csv':
-        table = predictions_table(probs, np.full(len(files), -1), list(files), list(names)).drop(columns=['true'])
+        table = predictions_table(probs, np.full(len(files), -1), list(files), list(names), k).drop(columns=['true'])
         write_predictions(table, out / 'predictions.csv')
         return out / 'predictions.csv'
     rows = [dict(file=f, predicted=top[0][0], confidence=top[0][1],
@@ -152,10 +155,11 @@ def map_to_checkpoint_classes(samples, data_classes: Sequence[str], ckpt_classes
 
 def write_report(weights_path, samples, class_names, output_dir, device='cpu', batch_size: int = 64,
                  workers: int = 0, method: Optional[str] = None, method_cfg_override: Optional[dict] = None,
-                 skipped: Sequence[Tuple[str, str]] = (), progress: bool = True, top_k: int = 5,
-                 amp_dtype: Optional[torch.dtype] = None, compile_model=False) -> dict:
-    """Predict ``samples`` (indices into ``class_names``) with the checkpoint (torch.compile'd with ``compile_model``: a --compile value) and write the full report, with
-    the top-``top_k`` accuracy."""
+                 skipped: Sequence[Tuple[str, str]] = (), progress: bool = True, topk: int = 5,
+                 amp_dtype: Optional[torch.dtype] = None, compile_model=False, save_probs: bool = False) -> dict:
+    """Predict ``samples`` (indices into ``class_names``) with the checkpoint (torch.compile'd with
+    ``compile_model``, a --compile value) and write the full report (``topk`` and ``save_probs`` as
+    ``write_labelled_report``'s)."""
     from utils.report import write_labelled_report
     model, meta = load_for_inference(weights_path, device, method, method_cfg_override, compile_model)
     samples, unknown = map_to_checkpoint_classes(samples, class_names, meta['class_names'])
@@ -168,7 +172,7 @@ def write_report(weights_path, samples, class_names, output_dir, device='cpu', b
                    method_cfg=method_cfg(model), unknown_classes=unknown, skipped=skipped,
                    images_per_s=result.images_per_s, method_stats=result.stats)
     return write_labelled_report(result.probs, result.targets, result.paths, meta['class_names'],
-                                 Path(output_dir), context, top_k)
+                                 Path(output_dir), context, topk, save_probs)
 
 
 def labelled_samples(checkpoint: dict, data_root) -> List[Tuple[str, int]]:

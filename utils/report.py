@@ -2,10 +2,13 @@
 
 Metrics are scikit-learn's. Per-class figures cover the classes present in the data; predictions of a class
 absent from the data still count as mistakes; ROC and PR curves need both sides of a class in the data (n/a
-otherwise). With many classes the plots show the most confused / worst classes and say so in their titles,
-while the CSV files keep every class. Names are the user's folder and file names, whatever they hold: plot
-text is not read as maths (``$``), CSV cells that hold a name cannot start a spreadsheet formula (a leading
-``'`` as OWASP advises), file names that are not UTF-8 are written byte for byte (surrogate escapes).
+otherwise). With many classes the plots show the most confused / worst classes and say so in their titles, the
+page the worst rows of the per-class table, predictions.csv the top-k classes instead of every probability
+(``--save-probs`` keeps them all in probabilities.npy), while the other CSV files keep every class; nothing per
+image and class is a Python object (probabilities stay one float32 array). Names are the user's folder and file
+names, whatever they hold: plot text is not read as maths (``$``), CSV cells that hold a name cannot start a
+spreadsheet formula (a leading ``'`` as OWASP advises), file names that are not UTF-8 are written byte for byte
+(surrogate escapes).
 """
 import base64
 import html
@@ -21,13 +24,16 @@ matplotlib.rcParams['text.parse_math'] = False  # class and file names with '$' 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from sklearn.metrics import (auc, average_precision_score, classification_report, confusion_matrix,  # noqa: E402
-                             precision_recall_curve, roc_curve, top_k_accuracy_score)
+from sklearn.metrics import (ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay, auc,  # noqa: E402
+                             classification_report, confusion_matrix, precision_recall_curve, roc_curve,
+                             top_k_accuracy_score)
 
 from utils.calibration import BINS, calibration_scores, plot_reliability  # noqa: E402
 
 MAX_CLASSES_DRAWN = 30   # confusion-matrix rows/columns drawn before switching to the most confused classes
 MAX_CURVES = 10          # per-class ROC/PR curves drawn before switching to the worst classes
+MAX_TABLE_ROWS = 30      # per-class rows on the page and the terminal before switching to the lowest F1
+PROB_COLUMNS_MAX = 20    # classes up to which predictions.csv has a column per class (top-k columns beyond)
 MISTAKES_SHOWN = 16
 MISTAKE_COLUMNS = 4
 FORMULA_START = ('=', '+', '-', '@', '\t', '\r', "'")  # "'" too, so that read_name undoes safe_name exactly
@@ -63,90 +69,89 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_confusion(cm: np.ndarray, names: List[str], path: Path, normalized: bool) -> None:
+    """scikit-learn's ConfusionMatrixDisplay of ``cm``, of the MAX_CLASSES_DRAWN most confused classes beyond that."""
     shown = np.arange(len(names))
     title = 'Confusion matrix' + (' (row-normalised)' if normalized else ' (counts)')
     if len(names) > MAX_CLASSES_DRAWN:
         off = cm - np.diag(np.diag(cm))
         shown = np.sort(np.argsort(-(off.sum(0) + off.sum(1)))[:MAX_CLASSES_DRAWN])
         title += f': the {MAX_CLASSES_DRAWN} most confused of {len(names)} classes'
-    values = cm.astype(float)
-    if normalized:
-        values = values / np.maximum(values.sum(1, keepdims=True), 1)
-    values = values[np.ix_(shown, shown)]
+    values = cm / np.maximum(cm.sum(1, keepdims=True), 1) if normalized else cm
     side = min(max(4.5, 0.45 * len(shown) + 2), 18)
     fig, ax = plt.subplots(figsize=(side + 1, side))
-    im = ax.imshow(values, cmap='Blues', vmin=0, vmax=1 if normalized else None)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    labels = [plot_text(names[i]) for i in shown]
-    ax.set_xticks(range(len(shown)), labels, rotation=90 if len(shown) > 6 else 0, fontsize=8)
-    ax.set_yticks(range(len(shown)), labels, fontsize=8)
+    display = ConfusionMatrixDisplay(values[np.ix_(shown, shown)], display_labels=[plot_text(names[i]) for i in shown])
+    display.plot(ax=ax, cmap='Blues', include_values=len(shown) <= 20, values_format='.2f' if normalized else 'd',
+                 xticks_rotation=90 if len(shown) > 6 else 'horizontal', colorbar=False, text_kw=dict(fontsize=7),
+                 im_kw=dict(vmin=0, vmax=1 if normalized else None))
+    fig.colorbar(display.im_, ax=ax, fraction=0.046)  # as tall as the matrix (the display's own is the figure's)
+    ax.tick_params(labelsize=8)
     ax.set_xlabel('predicted')
     ax.set_ylabel('true')
     ax.set_title(title, fontsize=10)
-    if len(shown) <= 20:
-        for (i, j), v in np.ndenumerate(values):
-            ax.text(j, i, f'{v:.2f}' if normalized else f'{int(v)}', ha='center', va='center', fontsize=7,
-                    color='white' if v > values.max() / 2 else 'black')
     _save(fig, path)
 
 
-def per_class_curves(probs: np.ndarray, targets: np.ndarray, present: List[int], kind: str):
-    """{class: (x, y, score)} one-vs-rest ROC (fpr, tpr, AUC) or PR (recall, precision, AP) curves."""
-    curves = {}
-    for c in present:
-        positive = targets == c
-        if positive.all() or not positive.any():  # a curve needs images of the class and of others
-            continue
-        if kind == 'roc':
-            fpr, tpr, _ = roc_curve(positive, probs[:, c])
-            curves[c] = (fpr, tpr, auc(fpr, tpr))
-        else:
-            precision, recall, _ = precision_recall_curve(positive, probs[:, c])
-            curves[c] = (recall, precision, average_precision_score(positive, probs[:, c]))
-    return curves
+def one_vs_rest(positive: np.ndarray, scores: np.ndarray) -> dict:
+    """scikit-learn's ROC and precision-recall displays of ``scores`` for the ``positive`` images, with the AUC and
+    the average precision; the curves without the points a plot does not show (``drop_intermediate``)."""
+    fpr, tpr, _ = roc_curve(positive, scores)
+    roc_auc = auc(fpr, tpr)
+    # tied scores leave points inside horizontal runs (millions in a micro-average): the same line without them
+    ends = np.r_[True, (tpr[1:-1] != tpr[:-2]) | (tpr[1:-1] != tpr[2:]), True]
+    precision, recall, _ = precision_recall_curve(positive, scores, drop_intermediate=True)
+    average_precision = -np.sum(np.diff(recall) * precision[:-1])  # average_precision_score's sum, sorted once
+    return dict(roc=RocCurveDisplay(fpr=fpr[ends], tpr=tpr[ends], roc_auc=roc_auc),
+                pr=PrecisionRecallDisplay(precision=precision, recall=recall, average_precision=average_precision))
 
 
-def plot_curves(probs, targets, names, present, kind: str, path: Path) -> dict:
-    """ROC or PR curves per class, micro- and (ROC) macro-average; returns the per-class scores."""
+def per_class_curves(probs: np.ndarray, targets: np.ndarray, classes: List[int]) -> dict:
+    """{class: one_vs_rest} of the ``classes`` that have images of their own and of others in the data."""
+    return {c: one_vs_rest(positive, probs[:, c])
+            for c in classes if 0 < (positive := targets == c).sum() < len(targets)}
+
+
+def score(display) -> float:
+    """The AUC of a ROC display, the average precision of a precision-recall one."""
+    return display.roc_auc if isinstance(display, RocCurveDisplay) else display.average_precision
+
+
+def average_curves(probs: np.ndarray, targets: np.ndarray, present: List[int], curves: dict) -> dict:
+    """{'roc': [(name, display)], 'pr': [...]}: the micro-average (every image x class present as one binary
+    decision) of both, and the macro-average ROC (the classes' true positive rates, averaged on a grid)."""
+    scores = (probs if len(present) == probs.shape[1] else probs[:, present]).ravel()
+    order = np.argsort(scores, kind='stable')[::-1]  # sorted once: scikit-learn's two sorts then find it sorted
+    micro = one_vs_rest((targets[:, None] == np.asarray(present)).ravel()[order], scores[order])
+    grid = np.linspace(0, 1, 201)
+    mean_tpr = np.mean([np.interp(grid, d['roc'].fpr, d['roc'].tpr) for d in curves.values()], axis=0)
+    macro = RocCurveDisplay(fpr=grid, tpr=mean_tpr, roc_auc=auc(grid, mean_tpr))
+    return dict(roc=[('micro-average', micro['roc']), ('macro-average', macro)], pr=[('micro-average', micro['pr'])])
+
+
+AVERAGE_STYLE = {'micro-average': '--', 'macro-average': ':'}
+
+
+def plot_curves(curves: dict, averages: list, names: List[str], kind: str, path: Path) -> None:
+    """The ``kind`` ('roc' or 'pr') displays of the classes, the MAX_CURVES worst beyond that, and ``averages``."""
     binary = len(names) == 2
-    curves = per_class_curves(probs, targets, [1] if binary else present, kind)
     fig, ax = plt.subplots(figsize=(7, 6))
-    drawn = sorted(curves, key=lambda c: curves[c][2])
+    drawn = sorted(curves, key=lambda c: score(curves[c][kind]))
     title = ('ROC' if kind == 'roc' else 'Precision-recall') + (f' ({plot_text(names[1])} as positive)' if binary else '')
     if len(drawn) > MAX_CURVES:
         drawn = drawn[:MAX_CURVES]
         title += f': the {MAX_CURVES} worst of {len(curves)} classes + averages'
     for c in drawn:
-        x, y, score = curves[c]
-        ax.plot(x, y, lw=1.2, label=f"{plot_text(names[c])} ({'AUC' if kind == 'roc' else 'AP'} {score:.3f})")
-    if not binary and curves:
-        onehot = np.eye(len(names))[targets][:, present]
-        scores = probs[:, present]
-        if kind == 'roc':
-            fpr, tpr, _ = roc_curve(onehot.ravel(), scores.ravel())
-            ax.plot(fpr, tpr, 'k--', lw=2, label=f'micro-average (AUC {auc(fpr, tpr):.3f})')
-            grid = np.linspace(0, 1, 201)
-            mean_tpr = np.mean([np.interp(grid, curves[c][0], curves[c][1]) for c in curves], axis=0)
-            ax.plot(grid, mean_tpr, 'k:', lw=2, label=f'macro-average (AUC {auc(grid, mean_tpr):.3f})')
-        else:
-            precision, recall, _ = precision_recall_curve(onehot.ravel(), scores.ravel())
-            ax.plot(recall, precision, 'k--', lw=2,
-                    label=f'micro-average (AP {average_precision_score(onehot.ravel(), scores.ravel()):.3f})')
+        curves[c][kind].plot(ax=ax, name=plot_text(names[c])).line_.set_linewidth(1.2)
+    for name, display in averages:
+        display.plot(ax=ax, name=name).line_.set(color='k', linestyle=AVERAGE_STYLE[name], linewidth=2)
     if not curves:
         ax.text(0.5, 0.5, 'n/a: the data holds images of one class only', ha='center', transform=ax.transAxes)
     if kind == 'roc':
         ax.plot([0, 1], [0, 1], color='grey', lw=0.8)
-        ax.set_xlabel('false positive rate')
-        ax.set_ylabel('true positive rate')
-    else:
-        ax.set_xlabel('recall')
-        ax.set_ylabel('precision')
     ax.set_title(title, fontsize=10)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc='lower right' if kind == 'roc' else 'lower left')
     ax.grid(alpha=0.3)
     _save(fig, path)
-    return {c: v[2] for c, v in curves.items()}
 
 
 def layout_under_title(fig, title: str, fontsize: float, **tight_layout_kwargs) -> None:
@@ -189,27 +194,44 @@ def draw_mistakes(wrong: pd.DataFrame):
 
 
 def write_predictions(table: pd.DataFrame, path: Path) -> None:
-    """predictions.csv: the names in it (file, true, predicted) made spreadsheet-safe."""
-    named = [c for c in ('file', 'true', 'predicted') if c in table]
+    """predictions.csv: the names in it (file, true, predicted, label_i) made spreadsheet-safe."""
+    named = [c for c in table if c in ('file', 'true', 'predicted') or c.startswith('label_')]
     table.assign(**{c: table[c].map(safe_name) for c in named}).to_csv(path, index=False, **CSV_OPTIONS)
 
 
-def predictions_table(probs, targets, paths, names) -> pd.DataFrame:
+def predictions_table(probs: np.ndarray, targets, paths, names, topk: int = 5) -> pd.DataFrame:
+    """file, true, predicted, confidence, then a probability per class (p_<class>) up to PROB_COLUMNS_MAX classes,
+    the ``topk`` classes beyond (label_1, prob_1, ..., most probable first)."""
     predicted = probs.argmax(axis=1)
     table = pd.DataFrame(dict(file=paths, true=[names[t] if t >= 0 else '' for t in targets],
                               predicted=[names[p] for p in predicted], confidence=probs.max(axis=1)))
-    return pd.concat([table, pd.DataFrame(probs, columns=[f'p_{n}' for n in names])], axis=1)
+    if len(names) <= PROB_COLUMNS_MAX:
+        return pd.concat([table, pd.DataFrame(probs, columns=[f'p_{n}' for n in names])], axis=1)
+    top = np.argsort(-probs, axis=1, kind='stable')[:, :topk]  # stable: label_1 is argmax's class on ties
+    labels, top_probs = np.asarray(names, dtype=object)[top], np.take_along_axis(probs, top, axis=1)
+    for i in range(top.shape[1]):
+        table[f'label_{i + 1}'], table[f'prob_{i + 1}'] = labels[:, i], top_probs[:, i]
+    return table
+
+
+def write_probabilities(probs: np.ndarray, names: Sequence[str], out: Path) -> None:
+    """probabilities.npy (float32, a row per image in predictions.csv's order) and classes.json (its columns)."""
+    np.save(out / 'probabilities.npy', probs.astype(np.float32, copy=False))
+    (out / 'classes.json').write_text(json.dumps(list(names)))
 
 
 def write_labelled_report(probs: np.ndarray, targets: np.ndarray, paths: Sequence[str], names: List[str],
-                          out: Path, context: dict, top_k: int = 5) -> dict:
-    """Every report file for probabilities [N, C] of images with true class indices ``targets``; the summary's
-    top-k accuracy is at ``top_k`` (at most the number of classes)."""
+                          out: Path, context: dict, topk: int = 5, save_probs: bool = False) -> dict:
+    """Every report file for probabilities [N, C] of images with true class indices ``targets``; the top-``topk``
+    accuracy (and columns of predictions.csv beyond PROB_COLUMNS_MAX classes); ``save_probs``: all of ``probs``."""
     out.mkdir(parents=True, exist_ok=True)
     predicted = probs.argmax(axis=1)
     present = sorted(set(targets.tolist()))
-    table = predictions_table(probs, targets, paths, names)
+    k = min(topk, len(names))
+    table = predictions_table(probs, targets, paths, names, k)
     write_predictions(table, out / 'predictions.csv')
+    if save_probs:
+        write_probabilities(probs, names, out)
 
     labels = sorted(set(present) | set(predicted.tolist()))
     cm = confusion_matrix(targets, predicted, labels=labels)
@@ -221,8 +243,11 @@ def write_labelled_report(probs: np.ndarray, targets: np.ndarray, paths: Sequenc
     plot_confusion(cm, label_names, out / 'confusion_matrix.png', normalized=False)
     plot_confusion(cm, label_names, out / 'confusion_matrix_normalized.png', normalized=True)
 
-    roc = plot_curves(probs, targets, names, present, 'roc', out / 'roc_curves.png')
-    ap = plot_curves(probs, targets, names, present, 'pr', out / 'pr_curves.png')
+    curves = per_class_curves(probs, targets, [1] if len(names) == 2 else present)
+    averages = average_curves(probs, targets, present, curves) if len(names) > 2 and curves else {}
+    for kind in ('roc', 'pr'):
+        plot_curves(curves, averages.get(kind, []), names, kind, out / f'{kind}_curves.png')
+    roc, ap = ({c: score(d[kind]) for c, d in curves.items()} for kind in ('roc', 'pr'))
     report = classification_report(targets, predicted, labels=present, target_names=[names[c] for c in present],
                                    output_dict=True, zero_division=0)
     per_class = pd.DataFrame({k: v for k, v in report.items() if isinstance(v, dict)}).T
@@ -239,7 +264,6 @@ def write_labelled_report(probs: np.ndarray, targets: np.ndarray, paths: Sequenc
     per_class.index.name = 'class'
     per_class.rename(index=safe_name).to_csv(out / 'per_class_report.csv', **CSV_OPTIONS)
 
-    k = min(top_k, len(names))
     # one-vs-rest AUC averaged over the classes present (sklearn's 'ovr' macro when all are present)
     macro_auc = float(per_class.loc['macro avg', 'roc_auc']) if roc else None
     mistakes = plot_mistakes(table, out / 'misclassified.png')
@@ -269,6 +293,17 @@ def _img(path: Path) -> str:
 
 SCALE_NOTE = ('Scores on a 0-1 scale, as scikit-learn gives them (0.8500 = 85.00 %); the summary above, log.csv '
               'and the training curves give accuracy and F1 in %.')
+
+
+def per_class_shown(per_class: pd.DataFrame, n_classes: int):
+    """(rows, note) of the per-class table to show on the page and the terminal: every row up to MAX_TABLE_ROWS
+    classes, beyond that the worst classes and the averages, with a line saying so ('' otherwise)."""
+    if n_classes <= MAX_TABLE_ROWS:
+        return per_class, ''
+    classes, averages = per_class.iloc[:n_classes], per_class.iloc[n_classes:]  # averages: the last rows
+    worst = classes.sort_values(['f1-score', 'roc_auc'], kind='stable').head(MAX_TABLE_ROWS)
+    return (pd.concat([worst, averages]), f'The {MAX_TABLE_ROWS} classes of lowest F1 (then ROC AUC) of {n_classes}; '
+                                          'per_class_report.csv holds every class.')
 
 
 def per_class_html(per_class: pd.DataFrame) -> str:
@@ -302,12 +337,13 @@ def write_html(out: Path, summary: dict, per_class: pd.DataFrame) -> None:
              ('Most confident mistakes', 'misclassified.png')]
     extra = [(title, name) for title, name in summary.get('extra_plots', []) if (out / name).exists()]
     figures = ''.join(f'<h2>{html.escape(t)}</h2>{_img(out / n)}' for t, n in plots + extra)
+    shown, note = per_class_shown(per_class, len(summary['classes_in_data']))
     page = f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>Evaluation report</title><style>
 body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}} img{{max-width:100%}}
 table{{border-collapse:collapse;font-size:14px}} td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
 th{{background:#f3f3f3;text-align:left}}</style></head><body>
 <h1>Evaluation report</h1><table>{rows}</table>
-<h2>Per class</h2><p>{SCALE_NOTE}</p>{per_class_html(per_class)}
+<h2>Per class</h2><p>{html.escape(note)} {SCALE_NOTE}</p>{per_class_html(shown)}
 {f'<h2>Skipped files</h2><ul>{skipped}</ul>' if skipped else ''}{figures}
 <p>Files: predictions.csv, per_class_report.csv, confusion_matrix*.csv, summary.json in this folder.</p>
 </body></html>"""

@@ -45,7 +45,8 @@ def test_odd_names_train_and_report(tmp_path, capsys):
         raw = (report / 'predictions.csv').read_bytes()
         assert b'caf\xe9.png' in raw                                   # the file name, byte for byte
         assert b"'=SUM(A1)" in raw and b",=SUM" not in raw and b",@at" not in raw and b",-minus" not in raw
-        rows = pd.read_csv(report / 'predictions.csv', keep_default_na=False, encoding_errors='surrogateescape')
+        rows = pd.read_csv(report / 'predictions.csv', keep_default_na=False, encoding_errors='surrogateescape',
+                       dtype={'file': object})
         assert sorted(set(rows['true'])) == sorted(["'+plus", "'-minus", "'=SUM(A1)", "'@at", '$x$', 'NA', 'None'])
         page = (report / 'report.html').read_bytes().decode('utf-8')  # valid UTF-8 whatever the names
         assert '=SUM(A1)' in page and 'broken\\udcff.png' in page and summary['skipped_files'] == 1

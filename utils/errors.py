@@ -23,7 +23,11 @@ class Stopped(BaseException):
 def run_cli(fn: Callable[[], object], interrupted: str = 'interrupted') -> int:
     """Run a CLI's work: 0 when it finishes; one ``error: ...`` line and 2 for bad input (``UserError``, a bad
     method setting's ``MethodConfigError`` among them; any other exception is a bug and keeps its traceback);
-    ``interrupted`` and 130 on Ctrl-C; a ``Stopped`` run's message and the shell's code for its signal."""
+    ``interrupted`` and 130 on Ctrl-C; a ``Stopped`` run's message and the shell's code for its signal. File names
+    that are not UTF-8 (surrogate escapes) are printed with their bytes escaped instead of failing to print."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, 'reconfigure'):
+            stream.reconfigure(errors='backslashreplace')
     try:
         fn()
     except UserError as err:

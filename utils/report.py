@@ -193,24 +193,31 @@ def draw_mistakes(wrong: pd.DataFrame):
     return fig
 
 
+def names_column(names, index=None) -> pd.Series:
+    """Names (files, classes) as a column of Python strings: pandas 3 would store them as its str type, which
+    refuses the surrogate escapes of file names that are not UTF-8."""
+    return pd.Series(list(names), index=index, dtype=object)
+
+
 def write_predictions(table: pd.DataFrame, path: Path) -> None:
     """predictions.csv: the names in it (file, true, predicted, label_i) made spreadsheet-safe."""
     named = [c for c in table if c in ('file', 'true', 'predicted') or c.startswith('label_')]
-    table.assign(**{c: table[c].map(safe_name) for c in named}).to_csv(path, index=False, **CSV_OPTIONS)
+    table.assign(**{c: names_column(map(safe_name, table[c]), table.index) for c in named}).to_csv(
+        path, index=False, **CSV_OPTIONS)
 
 
 def predictions_table(probs: np.ndarray, targets, paths, names, topk: int = 5) -> pd.DataFrame:
     """file, true, predicted, confidence, then a probability per class (p_<class>) up to PROB_COLUMNS_MAX classes,
     the ``topk`` classes beyond (label_1, prob_1, ..., most probable first)."""
     predicted = probs.argmax(axis=1)
-    table = pd.DataFrame(dict(file=paths, true=[names[t] if t >= 0 else '' for t in targets],
-                              predicted=[names[p] for p in predicted], confidence=probs.max(axis=1)))
+    table = pd.DataFrame(dict(file=names_column(paths), true=names_column(names[t] if t >= 0 else '' for t in targets),
+                              predicted=names_column(names[p] for p in predicted), confidence=probs.max(axis=1)))
     if len(names) <= PROB_COLUMNS_MAX:
         return pd.concat([table, pd.DataFrame(probs, columns=[f'p_{n}' for n in names])], axis=1)
     top = np.argsort(-probs, axis=1, kind='stable')[:, :topk]  # stable: label_1 is argmax's class on ties
     labels, top_probs = np.asarray(names, dtype=object)[top], np.take_along_axis(probs, top, axis=1)
     for i in range(top.shape[1]):
-        table[f'label_{i + 1}'], table[f'prob_{i + 1}'] = labels[:, i], top_probs[:, i]
+        table[f'label_{i + 1}'], table[f'prob_{i + 1}'] = names_column(labels[:, i]), top_probs[:, i]
     return table
 
 

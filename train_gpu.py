@@ -72,8 +72,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--lr', type=float, help='AdamW peak learning rate, as it is (default: from --lr-base)')
     g.add_argument('--lr-base', type=float,
                    help='peak learning rate per --lr-base-size images, scaled by the global batch (batch size x '
-                        'processes x accumulation steps) by --lr-base-scale (default: 5e-4 with --pretrained, 4e-3 '
-                        'from scratch, per 512 images: 6.25e-5 / 5e-4 at batch 64)')
+                        'processes x accumulation steps) by --lr-base-scale (default: 4e-3 per 512 images, with weights '
+                        'or from scratch: 5e-4 at batch 64)')
     g.add_argument('--lr-base-size', type=int, default=512,
                    help="the global batch at which --lr-base is the rate (DeiT's 512; timm's 256)")
     g.add_argument('--lr-base-scale', choices=LR_BASE_SCALES, default='linear',

@@ -76,12 +76,12 @@ def test_config_takes_timms_keys(tmp_path):
 
 
 @pytest.mark.parametrize('flags, world, expected', [
-    ([], 1, LR_BASE['pretrained'] * 64 / 512),                                  # DeiT's rule, the default
-    (['-b', '32', '--grad-accum-steps', '4'], 2, LR_BASE['pretrained'] * 256 / 512),
+    ([], 1, LR_BASE * 64 / 512),                                  # DeiT's rule, the default
+    (['-b', '32', '--grad-accum-steps', '4'], 2, LR_BASE * 256 / 512),
     (['--lr-base', '1e-3', '--lr-base-size', '256', '-b', '128'], 4, 1e-3 * 2),  # timm's 256, linear
     (['--lr-base', '1e-3', '--lr-base-size', '256', '--lr-base-scale', 'sqrt', '-b', '128'], 4, 1e-3 * 2 ** 0.5),
     (['--lr-base', '1e-3', '--lr-base-size', '256', '--lr-base-scale', 'sqrt', '-b', '16'], 1, 1e-3 * 0.25),
-    (['--lr-base-size', '256', '--lr-base-scale', 'sqrt', '-b', '256'], 1, LR_BASE['pretrained'] * 256 / 512),
+    (['--lr-base-size', '256', '--lr-base-scale', 'sqrt', '-b', '256'], 1, LR_BASE * 256 / 512),
     (['--lr', '3e-4', '--lr-base-scale', 'sqrt'], 8, 3e-4),                      # --lr as it is
 ])
 def test_lr_base_rule(flags, world, expected):

@@ -50,8 +50,7 @@ def test_lr_follows_the_global_batch():
     lr = resolve_lr(_args(lr_base=1e-3, accum_steps=2), world_size=4)  # 32 x 4 processes x 2 steps = 256
     assert lr.global_batch == 256 and lr.value == pytest.approx(1e-3 * 256 / 512)
     assert resolve_lr(_args(lr=3e-4, lr_base=1e-3), 4).value == 3e-4  # --lr is absolute
-    assert resolve_lr(_args(), 1).value == pytest.approx(LR_BASE['scratch'] * 32 / 512)
-    assert resolve_lr(_args(pretrained=True), 1).value == pytest.approx(LR_BASE['pretrained'] * 32 / 512)
+    assert resolve_lr(_args(), 1).value == resolve_lr(_args(pretrained=True), 1).value == pytest.approx(LR_BASE * 32 / 512)
     assert '--lr-base 0.001 x global batch 256 / 512' in str(resolve_lr(_args(lr_base=1e-3, accum_steps=2), 4))
 
 

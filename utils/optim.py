@@ -8,7 +8,6 @@ import torch
 from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
 
 from models.factory import model_new_params
-from models.pretrained import wants_weights
 from models.registry import new_param_lr_scale
 from utils.errors import UserError
 
@@ -33,7 +32,7 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, laye
     return create_optimizer_v2(model, opt='adamw', lr=lr, weight_decay=weight_decay, param_group_fn=groups)
 
 
-LR_BASE = dict(pretrained=5e-4, scratch=4e-3)  # per 512 images (DeiT's reference batch): 5e-4 at batch 64
+LR_BASE = 4e-3  # per 512 images (DeiT's reference batch): 5e-4 at batch 64, with weights or from scratch (docs/recipe.md)
 LR_BASE_REFERENCE = 512
 LR_BASE_SCALES = ('linear', 'sqrt')
 
@@ -58,16 +57,15 @@ class LearningRate:
 def resolve_lr(args, world_size: int) -> LearningRate:
     """``--lr`` when given; else ``--lr-base`` times the global batch (per-process batch x processes x accumulation
     steps) over ``--lr-base-size``, to the power 1 (``--lr-base-scale linear``, DeiT's main.py) or 1/2 (``sqrt``,
-    timm's train.py for Adam-family optimizers). The default ``--lr-base`` (LR_BASE, for --pretrained or from
-    scratch) is DeiT's figure per 512 images, restated per ``--lr-base-size`` images, so that at a global batch of
-    ``--lr-base-size`` either scale gives the rate DeiT's rule gives there."""
+    timm's train.py for Adam-family optimizers). The default ``--lr-base`` (LR_BASE) is per 512 images, restated per
+    ``--lr-base-size`` images, so that at a global batch of ``--lr-base-size`` either scale gives the rate the
+    linear rule gives there."""
     global_batch = args.batch_size * world_size * args.accum_steps
     if args.lr is not None:
         return LearningRate(args.lr, global_batch)
     if args.lr_base_size < 1:
         raise UserError(f'--lr-base-size {args.lr_base_size}: give the reference global batch, e.g. 512 or 256')
-    default = LR_BASE['pretrained' if wants_weights(args.pretrained) else 'scratch']
-    base = args.lr_base if args.lr_base is not None else default * args.lr_base_size / LR_BASE_REFERENCE
+    base = args.lr_base if args.lr_base is not None else LR_BASE * args.lr_base_size / LR_BASE_REFERENCE
     ratio = global_batch / args.lr_base_size
     value = base * (ratio ** 0.5 if args.lr_base_scale == 'sqrt' else ratio)
     return LearningRate(value, global_batch, base, args.lr_base_size, args.lr_base_scale)

@@ -125,6 +125,9 @@ def build_model(name: str, method: str = 'none', method_cfg: Optional[dict] = No
                 source = dict(state_dict=converted[0])
             else:
                 source = dict(state_dict=ckpt, hf_hub_id=weights.hub_id) if hub else dict(file=os.path.abspath(weights))
+            head = (ckpt if converted is None else converted[0]).get('head.weight')
+            if head is not None:  # timm keeps the head when its class count is the one asked for, not the tag's
+                source['num_classes'] = head.shape[0]
             with torch.device('meta'):  # the shapes of the model asked for, without memory or time
                 own = timm.create_model(name, **kwargs).state_dict()
             cause = architecture_difference(ckpt if converted is None else converted[0], own, name)  # timm would load another depth half-way, silently

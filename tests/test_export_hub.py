@@ -87,6 +87,9 @@ def test_the_toolkits_pretrained_hf_hub_reads_the_folder(run, cache):
     model = build_model('vit_tiny_patch16_224', 'tome', num_classes=5, pretrained=f'hf-hub:{REPO}', **TINY)
     saved = torch.load(run['best'], weights_only=True)['model']
     assert torch.equal(model.blocks[3].mlp.fc2.weight, saved['blocks.3.mlp.fc2.weight'])
+    assert model.head.weight.shape[0] == 5  # other classes: a new head
+    same = build_model('vit_tiny_patch16_224', 'tome', num_classes=3, pretrained=f'hf-hub:{REPO}', **TINY)
+    assert torch.equal(same.head.weight, saved['head.weight'])  # the same classes: the pushed model's head
 
 
 def test_the_card_states_the_runs_figures_and_its_python_predicts(run, cache, capsys):

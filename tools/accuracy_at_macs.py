@@ -30,8 +30,8 @@ METHODS = {'tome': ['--tome-r', '8'], 'gtp': ['--gtp-num-prop', '8'], 'mtvit': [
 OFF_THE_SHELF = {'tome': 'tome.r=8', 'gtp': 'gtp.num_prop=8'}
 
 
-def best_top1(rows) -> float:
-    return max(float(r['top1']) for r in rows)
+def best_top1(rows):
+    return max(float(r['top1']) for r in rows) if rows else None
 
 
 def benchmark(weights: Path, out: Path, sweep, args, methods=()) -> pd.DataFrame:
@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--runs', type=int, default=5, help='timed benchmark runs per row')
     p.add_argument('--mac-images', type=int, default=32)
+    p.add_argument('--finished-only', action='store_true', help='the table of the runs finished so far; train none')
     p.add_argument('extra', nargs=argparse.REMAINDER, help='after --: more train_gpu.py flags for every run')
     args = p.parse_args(argv)
     common = ['--data-root', str(args.data), '--model', args.model, '--img-size', str(args.img_size),
@@ -69,29 +70,38 @@ def main(argv=None) -> int:
     top1, folders = {}, {}  # row -> top-1 per seed; row -> seed 0's run folder
 
     def record(name, value, folder=None):
+        if value is None:  # a run not finished (--finished-only)
+            return
         top1.setdefault(name, []).append(value)
         if folder is not None:
             folders.setdefault(name, folder)
 
+    start = not args.finished_only
+    starts = {}  # seed -> the flags of a run fine-tuned from that seed's parent
     for seed in args.seeds:
         seeded = [*common, '--seed', str(seed)]
         parent = args.out / f'parent-seed{seed}'
         record('dense (the parent)', best_top1(train(parent, [*seeded, '--pretrained', args.init],
-                                                     args.parent_epochs)[0]), parent)
-        start = [*seeded, '--pretrained', str(parent / 'best.pth')]
+                                                     args.parent_epochs, start)[0]), parent)
+        starts[seed] = [*seeded, '--pretrained', str(parent / 'best.pth')]
         again = args.out / f'dense-seed{seed}'
-        record('dense, fine-tuned again', best_top1(train(again, start, args.epochs)[0]), again)
+        record('dense, fine-tuned again', best_top1(train(again, starts[seed], args.epochs, start)[0]), again)
+        if not (parent / 'best.pth').exists():
+            continue
         shelf = benchmark(parent / 'best.pth', args.out / f'shelf-seed{seed}', OFF_THE_SHELF.values(), args)
         for method, sweep in OFF_THE_SHELF.items():
             record(f'{method} {sweep.split(".")[1]}, off the shelf',
                    float(shelf.loc[shelf['method'] == method, 'top1'].iloc[0]))
-        for teacher in (False, True):
+    for teacher in (False, True):  # every seed without the teacher first
+        for seed in starts:
             for method, flags in METHODS.items():
                 folder = args.out / f"{method}{'-teacher' if teacher else ''}-seed{seed}"
-                extra = ['--teacher', str(parent / 'best.pth')] if teacher else []
-                rows, _ = train(folder, [*start, '--method', method, *flags, *extra], args.epochs)
+                extra = ['--teacher', str(args.out / f'parent-seed{seed}' / 'best.pth')] if teacher else []
+                rows, _ = train(folder, [*starts[seed], '--method', method, *flags, *extra], args.epochs, start)
                 record(row_name(method, teacher), best_top1(rows), folder)
-                print(f'{row_name(method, teacher)}, seed {seed}: {best_top1(rows):.2f}', file=sys.stderr, flush=True)
+                if rows:
+                    print(f'{row_name(method, teacher)}, seed {seed}: {best_top1(rows):.2f}', file=sys.stderr,
+                          flush=True)
 
     lines = ['| row | top-1 % (mean ± std over seeds) | per seed | vs dense fine-tuned again | MAC ratio | images/s |',
              '|---|---|---|---|---|---|']

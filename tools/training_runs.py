@@ -19,14 +19,17 @@ def log_rows(folder: Path) -> List[dict]:
     return list(csv.DictReader(log.open())) if log.exists() else []
 
 
-def train(folder: Path, flags: List[str], epochs: int) -> Tuple[List[dict], float]:
+def train(folder: Path, flags: List[str], epochs: int, start: bool = True) -> Tuple[List[dict], float]:
     """(log.csv rows, wall seconds of the process) of ``train_gpu.py --output-dir folder --epochs epochs flags``.
 
-    A finished run found in ``folder`` is read back with the seconds it recorded (0.0 when it recorded none).
+    A finished run found in ``folder`` is read back with the seconds it recorded (0.0 when it recorded none); an
+    unfinished one is trained only with ``start`` (else ([], 0.0)).
     """
     done = folder / 'wall_seconds.txt'
     if len(log_rows(folder)) == epochs and done.exists():
         return log_rows(folder), float(done.read_text())
+    if not start:
+        return [], 0.0
     command = [sys.executable, str(REPO / 'train_gpu.py'), '--output-dir', str(folder), '--epochs', str(epochs),
                *flags]
     start = time.perf_counter()

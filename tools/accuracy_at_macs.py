@@ -11,8 +11,9 @@ ImageNet weights) for ``--parent-epochs``. From the parent's best.pth, ``--epoch
 model again (the reference, fine-tuned the same way), and each method at its setting (near 0.65x the dense MACs;
 ToE is a plain ViT at inference), with and without ``--teacher`` = the parent's best.pth. ToMe and GTP are also
 switched on in the parent without training (off the shelf). Top-1: best.pth's, on val/ (the highest validation
-top-1 of the run). MAC ratio and images/s: benchmark.py on seed 0's best.pth of each row, the MACs averaged over
-``--mac-images`` validation images (DGE's depend on the image).
+top-1 of the run). MAC ratio, images/s and speed-up: benchmark.py on seed 0's best.pth of each row against the same
+weights dense in the same run, the MACs averaged over ``--mac-images`` validation images (DGE's depend on the
+image). ``--finished-only`` prints the table of the runs finished so far without training.
 """
 import argparse
 import statistics
@@ -45,8 +46,8 @@ def benchmark(weights: Path, out: Path, sweep, args, methods=()) -> pd.DataFrame
 
 
 def row_name(method: str, teacher: bool) -> str:
-    setting = ' '.join(METHODS[method]).replace('--', '').replace('-', '_')
-    return f"{method} {setting}".strip() + (' + teacher' if teacher else '')
+    setting = f" ({' '.join(METHODS[method])})" if METHODS[method] else ''
+    return f"{method}{setting}" + (' + teacher' if teacher else '')
 
 
 def main(argv=None) -> int:
@@ -103,8 +104,8 @@ def main(argv=None) -> int:
                     print(f'{row_name(method, teacher)}, seed {seed}: {best_top1(rows):.2f}', file=sys.stderr,
                           flush=True)
 
-    lines = ['| row | top-1 % (mean ± std over seeds) | per seed | vs dense fine-tuned again | MAC ratio | images/s |',
-             '|---|---|---|---|---|---|']
+    lines = ['| row | top-1 % (mean ± std over seeds) | per seed | vs dense fine-tuned again | MAC ratio | images/s '
+             '| speed-up vs dense |', '|---|---|---|---|---|---|---|']
     reference = statistics.mean(top1['dense, fine-tuned again'])
     shelf = benchmark(args.out / 'parent-seed0' / 'best.pth', args.out / 'shelf-seed0', OFF_THE_SHELF.values(), args)
     for name, values in top1.items():
@@ -118,7 +119,8 @@ def main(argv=None) -> int:
                              methods=[method]).iloc[-1]
         mean, spread = mean_spread(values)
         lines.append(f"| {name} | {mean:.2f} ± {spread:.2f} | {' / '.join(f'{v:.2f}' for v in values)} | "
-                     f"{mean - reference:+.2f} | {cost['mac_ratio']:.2f} | {cost['images_per_s']:.0f} |")
+                     f"{mean - reference:+.2f} | {cost['mac_ratio']:.2f} | {cost['images_per_s']:.0f} | "
+                     f"{cost['speedup']:.2f}x |")
     print(f'{args.data.name}, {args.model} {" ".join(common[10:])} at {args.img_size} px, parents {args.parent_epochs} '
           f'epochs from {args.init}, rows {args.epochs} epochs, seeds {args.seeds}\n')
     print('\n'.join(lines))

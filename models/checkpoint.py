@@ -89,6 +89,12 @@ def _unreadable(path: str, head: bytes, err: Exception) -> str:
             f"pass a weights file saved by torch.save or safetensors")
 
 
+def weights_state(ckpt: dict) -> dict:
+    """The state dict that a weights file holds: DeiT's ``{'model': ...}``, timm's training ``{'state_dict': ...}``,
+    or the file's dict itself."""
+    return ckpt.get('model', ckpt.get('state_dict', ckpt))
+
+
 def is_toolkit_checkpoint(ckpt: dict) -> bool:
     return ckpt.get('format') == TOOLKIT_FORMAT
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from utils.errors import UserError
-from .checkpoint import META_KEYS, is_toolkit_checkpoint, load_toolkit_checkpoint, read_checkpoint
+from .checkpoint import META_KEYS, is_toolkit_checkpoint, load_toolkit_checkpoint, read_checkpoint, weights_state
 from .pretrained import HubWeights, resolve_pretrained
 from .registry import apply_method, convert_pretrained, method_name, new_param_prefixes
 
@@ -25,7 +25,7 @@ SIZE_NAMES = {192: 'tiny', 384: 'small', 768: 'base', 1024: 'large', 1280: 'huge
 def architecture(state: dict) -> dict:
     """The shape of a ViT that its state dict shows: embed width, depth, MLP width. (The number of heads does
     not show, the fused qkv weight is the same for any; another patch size is resampled by timm.)"""
-    state = state.get('model', state.get('state_dict', state))
+    state = weights_state(state)
     arch = {}
     if 'patch_embed.proj.weight' in state:
         arch['embed width'] = state['patch_embed.proj.weight'].shape[0]
@@ -125,7 +125,7 @@ def build_model(name: str, method: str = 'none', method_cfg: Optional[dict] = No
                 source = dict(state_dict=converted[0])
             else:
                 source = dict(state_dict=ckpt, hf_hub_id=weights.hub_id) if hub else dict(file=os.path.abspath(weights))
-            head = (ckpt if converted is None else converted[0]).get('head.weight')
+            head = weights_state(ckpt if converted is None else converted[0]).get('head.weight')
             if head is not None:  # timm keeps the head when its class count is the one asked for, not the tag's
                 source['num_classes'] = head.shape[0]
             with torch.device('meta'):  # the shapes of the model asked for, without memory or time

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from timm.task import DistillationTeacher
 
-from models.checkpoint import finite_state, is_toolkit_checkpoint, read_checkpoint
+from models.checkpoint import finite_state, is_toolkit_checkpoint, read_checkpoint, weights_state
 from models.factory import model_from_checkpoint
 from models.pretrained import HF_HUB_PREFIX, names_a_file
 from utils.errors import UserError
@@ -131,8 +131,7 @@ def _from_timm(name: str, weights: Optional[str]) -> Teacher:
 
 def _weights_classes(name: str, weights: str) -> int:
     """The number of classes of the classifier that the weights file holds for timm model ``name``."""
-    state = read_checkpoint(weights)  # one line for a file that is missing or does not load
-    state = state.get('model', state.get('state_dict', state))  # DeiT's and timm's training checkpoints
+    state = weights_state(read_checkpoint(weights))  # one line for a file that is missing or does not load
     with torch.device('meta'):  # the classifier's name, without memory or time
         head = timm.create_model(name).pretrained_cfg.get('classifier', 'head')
     key = f"{head[0] if isinstance(head, (tuple, list)) else head}.weight"

@@ -59,15 +59,16 @@ def mix(mixup, images, targets):
     return mixup(images, targets)
 
 
-def check_finite(loss_sum: torch.Tensor, epoch: int, first: int, last: int) -> None:
+def check_finite(loss_sum: torch.Tensor, epoch: int, first: int, last: int) -> float:
     """Stop the run when a loss of steps ``first``..``last`` was NaN or infinite on any process: the epoch's running
     sum of the losses (on the device) turns NaN or infinite with the first such loss and stays so. Checked every
     ``log_interval`` steps and at the end of the epoch (one host sync each), so the run stops before any checkpoint
-    of the damaged weights is written."""
+    of the damaged weights is written. Returns the sum (the host sync's value, for the step's log)."""
     value = loss_sum.item()
     if any_process(not math.isfinite(value)):
         raise Diverged(f'the loss became {value if not math.isfinite(value) else "non-finite on another process"} '
                        f'at epoch {epoch}, steps {first}-{last}; training stopped')
+    return value
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: Callable, settings: StepSettings,
@@ -122,7 +123,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: Callable, sett
                 scaled.backward()
         loss_sum.add_(loss.detach().float(), alpha=n)  # one kernel a step: the mean loss and the NaN check
         if (step + 1) % settings.log_interval == 0:
-            check_finite(loss_sum, epoch, first_unchecked, step)
+            checked_sum = check_finite(loss_sum, epoch, first_unchecked, step)
             first_unchecked = step + 1
             if settings.show_progress:
                 bar.set_postfix(loss=f'{loss.item():.4f}', lr=f"{optimizer.param_groups[0]['lr']:.2e}",
@@ -145,15 +146,14 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: Callable, sett
                 ema.update(unwrap(model), step=num_updates)
         seen += n
         if log_step is not None and (step + 1) % settings.log_interval == 0:
-            total = loss_sum.item()
-            log_step(num_updates, dict(loss=(total - logged[0]) / max(seen - logged[1], 1),
+            log_step(num_updates, dict(loss=(checked_sum - logged[0]) / max(seen - logged[1], 1),
                                        lr=optimizer.param_groups[0]['lr']))
-            logged = (total, seen)
-    check_finite(loss_sum, epoch, first_unchecked, steps - 1)
+            logged = (checked_sum, seen)  # the sum the check above read: no second host sync
+    epoch_sum = check_finite(loss_sum, epoch, first_unchecked, steps - 1)
     if settings.device.type == 'cuda':
         torch.cuda.synchronize(settings.device)
     elapsed = time.time() - start
-    totals = all_reduce_sum([loss_sum.item(), seen], settings.device)
+    totals = all_reduce_sum([epoch_sum, seen], settings.device)
     stats = dict(train_loss=(totals[0] / max(totals[1], 1)).item(), lr=optimizer.param_groups[0]['lr'],
                  train_images_per_s=totals[1].item() / elapsed, train_seconds=elapsed, num_updates=num_updates)
     stats.update({f'train_{k}': v for k, v in method_stats(model).items()})

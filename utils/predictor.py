@@ -19,7 +19,7 @@ from timm.data import ImageNetInfo, infer_imagenet_subset
 from tqdm import tqdm
 
 from datasets.transforms import data_config, eval_transform
-from models.checkpoint import is_toolkit_checkpoint, read_checkpoint
+from models.checkpoint import is_toolkit_checkpoint, read_checkpoint, weights_state
 from models.factory import build_model, load_for_inference
 from models.pretrained import HubWeights, resolve_pretrained
 from models.registry import method_cfg, method_name, method_stats
@@ -100,14 +100,12 @@ def load_timm_for_inference(name: str, pretrained, device='cpu', method: Optiona
     state = weights.state_dict() if hub else read_checkpoint(weights)
     if is_toolkit_checkpoint(state):
         raise UserError(f"'{label}' is a checkpoint of this toolkit; pass it as --weights {label}")
-    state = state.get('model', state.get('state_dict', state))  # DeiT's files hold {'model': ...}
+    state = weights_state(state)
     if 'head.weight' not in state:
         raise UserError(f"the weights in '{label}' have no classifier (a feature extractor): nothing to predict "
                         f"with; fine-tune them on your classes with train_gpu.py --pretrained {label}")
     model = build_model(name, method or 'none', method_settings, num_classes=state['head.weight'].shape[0],
-                        pretrained=pretrained, **(model_kwargs or {}))
-    # timm re-initialises a head whose class count differs from its pretrained config's: the file's head is the model's
-    model.load_state_dict({k: v for k, v in state.items() if k.startswith(('head.', 'head_dist.'))}, strict=False)
+                        pretrained=pretrained, **(model_kwargs or {}))  # the weights' head, whatever its classes
     meta = dict(model_name=name, model_kwargs=dict(model_kwargs or {}), method=method_name(model),
                 method_cfg=method_cfg(model), num_classes=model.num_classes, class_names=timm_class_names(model),
                 data_config=data_config(model, model.patch_embed.img_size[-1]))

@@ -153,7 +153,7 @@ def main(argv=None) -> int:
 
     def run():
         from utils.distributed import pick_device
-        from utils.trainer import amp_settings
+        from utils.engine import amp_settings
         check_source(args)
         method, cfg = method_override(args, given_flags(get_args_parser, argv))
         device = pick_device(args.device)

@@ -25,9 +25,9 @@ def calibration_scores(probs: np.ndarray, targets: np.ndarray) -> dict:
     bin_of = np.searchsorted(np.linspace(0, 1, BINS + 1)[1:-1], confidence)  # calibration_curve's bins
     ece = sum(abs(correct[bin_of == b].mean() - confidence[bin_of == b].mean()) * (bin_of == b).mean()
               for b in np.unique(bin_of))
-    one_hot = np.eye(probs.shape[1])[targets]
+    true_probs = probs[np.arange(len(targets)), targets]  # |p - one_hot|^2 = |p|^2 - 2 p_true + 1, no one-hot array
     return dict(ece=float(ece), log_loss=float(log_loss(targets, probs, labels=np.arange(probs.shape[1]))),
-                brier=float(((probs - one_hot) ** 2).sum(axis=1).mean()))
+                brier=float(((probs ** 2).sum(axis=1) - 2 * true_probs + 1).mean()))
 
 
 def plot_reliability(probs: np.ndarray, targets: np.ndarray, ece: float, path: Path) -> None:

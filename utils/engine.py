@@ -37,6 +37,15 @@ class StepSettings:
     log_interval: int = 50  # steps between host syncs (loss check, progress bar), as timm's --log-interval
 
 
+def amp_settings(enabled: bool, device: torch.device):
+    """bf16 where the GPU supports it, else fp16 with a grad scaler; full precision on the CPU."""
+    if not enabled or device.type != 'cuda':
+        return None, None
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, None
+    return torch.float16, torch.amp.GradScaler('cuda')
+
+
 def autocast(settings: StepSettings):
     if settings.amp_dtype is None:
         return contextlib.nullcontext()

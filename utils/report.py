@@ -1,6 +1,7 @@
 """The evaluation report of a labelled set, from probabilities to files (no model here).
 
-Metrics are scikit-learn's. Per-class figures cover the classes present in the data; predictions of a class
+Metrics are scikit-learn's; the one-vs-rest ROC AUC and average precision of many classes come from
+``utils.ranking`` (all classes sorted in blocks, equal to scikit-learn's). Per-class figures cover the classes present in the data; predictions of a class
 absent from the data still count as mistakes; ROC and PR curves need both sides of a class in the data (n/a
 otherwise). With many classes the plots show the most confused / worst classes and say so in their titles, the
 page the worst rows of the per-class table, predictions.csv the top-k classes instead of every probability
@@ -25,10 +26,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.metrics import (ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay, auc,  # noqa: E402
-                             classification_report, confusion_matrix, precision_recall_curve, roc_curve,
-                             top_k_accuracy_score)
+                             classification_report, confusion_matrix, top_k_accuracy_score)
 
 from utils.calibration import BINS, calibration_scores, plot_reliability  # noqa: E402
+from utils.ranking import (average_precision, held_counts, one_vs_rest_scores, pr_points, roc_auc,  # noqa: E402
+                           roc_points)
 
 MAX_CLASSES_DRAWN = 30   # confusion-matrix rows/columns drawn before switching to the most confused classes
 MAX_CURVES = 10          # per-class ROC/PR curves drawn before switching to the worst classes
@@ -91,56 +93,55 @@ def plot_confusion(cm: np.ndarray, names: List[str], path: Path, normalized: boo
     _save(fig, path)
 
 
-def one_vs_rest(positive: np.ndarray, scores: np.ndarray) -> dict:
-    """scikit-learn's ROC and precision-recall displays of ``scores`` for the ``positive`` images, with the AUC and
-    the average precision; the curves without the points a plot does not show (``drop_intermediate``)."""
-    fpr, tpr, _ = roc_curve(positive, scores)
-    roc_auc = auc(fpr, tpr)
-    # tied scores leave points inside horizontal runs (millions in a micro-average): the same line without them
-    ends = np.r_[True, (tpr[1:-1] != tpr[:-2]) | (tpr[1:-1] != tpr[2:]), True]
-    precision, recall, _ = precision_recall_curve(positive, scores, drop_intermediate=True)
-    average_precision = -np.sum(np.diff(recall) * precision[:-1])  # average_precision_score's sum, sorted once
-    return dict(roc=RocCurveDisplay(fpr=fpr[ends], tpr=tpr[ends], roc_auc=roc_auc),
-                pr=PrecisionRecallDisplay(precision=precision, recall=recall, average_precision=average_precision))
+ROC_GRID = np.linspace(0, 1, 201)  # false positive rates at which the macro-average ROC averages the classes
 
 
-def per_class_curves(probs: np.ndarray, targets: np.ndarray, classes: List[int]) -> dict:
-    """{class: one_vs_rest} of the ``classes`` that have images of their own and of others in the data."""
-    return {c: one_vs_rest(positive, probs[:, c])
-            for c in classes if 0 < (positive := targets == c).sum() < len(targets)}
+def ranked_classes(targets: np.ndarray, classes: List[int]) -> List[int]:
+    """The ``classes`` that have images of their own and of others in the data (a ROC curve needs both)."""
+    return [c for c in classes if 0 < (targets == c).sum() < len(targets)]
 
 
-def score(display) -> float:
-    """The AUC of a ROC display, the average precision of a precision-recall one."""
-    return display.roc_auc if isinstance(display, RocCurveDisplay) else display.average_precision
+def curve_display(kind: str, tps: np.ndarray, fps: np.ndarray, value: float):
+    """scikit-learn's ROC (``kind`` 'roc') or precision-recall display of a row of ``ranking.held_counts``, with its
+    AUC or average precision ``value``."""
+    if kind == 'roc':
+        fpr, tpr = roc_points(tps, fps)
+        return RocCurveDisplay(fpr=fpr, tpr=tpr, roc_auc=value)
+    precision, recall = pr_points(tps, fps)
+    return PrecisionRecallDisplay(precision=precision, recall=recall, average_precision=value)
 
 
-def average_curves(probs: np.ndarray, targets: np.ndarray, present: List[int], curves: dict) -> dict:
+def worst_curves(probs: np.ndarray, targets: np.ndarray, scores: dict, kind: str) -> dict:
+    """{class: display} of the MAX_CURVES classes of lowest ``scores`` ({class: AUC or AP}), worst first."""
+    worst = sorted(scores, key=scores.get)[:MAX_CURVES]
+    tps, fps = held_counts(probs[:, worst].T, targets[None, :] == np.asarray(worst, dtype=int)[:, None])
+    return {c: curve_display(kind, t, f, scores[c]) for c, t, f in zip(worst, tps, fps)}
+
+
+def average_curves(probs: np.ndarray, targets: np.ndarray, present: List[int], mean_tpr: np.ndarray) -> dict:
     """{'roc': [(name, display)], 'pr': [...]}: the micro-average (every image x class present as one binary
-    decision) of both, and the macro-average ROC (the classes' true positive rates, averaged on a grid)."""
+    decision) of both, and the macro-average ROC (``mean_tpr``: the classes' curves averaged on ROC_GRID)."""
     scores = (probs if len(present) == probs.shape[1] else probs[:, present]).ravel()
-    order = np.argsort(scores, kind='stable')[::-1]  # sorted once: scikit-learn's two sorts then find it sorted
-    micro = one_vs_rest((targets[:, None] == np.asarray(present)).ravel()[order], scores[order])
-    grid = np.linspace(0, 1, 201)
-    mean_tpr = np.mean([np.interp(grid, d['roc'].fpr, d['roc'].tpr) for d in curves.values()], axis=0)
-    macro = RocCurveDisplay(fpr=grid, tpr=mean_tpr, roc_auc=auc(grid, mean_tpr))
-    return dict(roc=[('micro-average', micro['roc']), ('macro-average', macro)], pr=[('micro-average', micro['pr'])])
+    tps, fps = held_counts(scores[None], (targets[:, None] == np.asarray(present)).ravel()[None])
+    macro = RocCurveDisplay(fpr=ROC_GRID, tpr=mean_tpr, roc_auc=auc(ROC_GRID, mean_tpr))
+    return dict(roc=[('micro-average', curve_display('roc', tps[0], fps[0], roc_auc(tps, fps)[0])),
+                     ('macro-average', macro)],
+                pr=[('micro-average', curve_display('pr', tps[0], fps[0], average_precision(tps, fps)[0]))])
 
 
 AVERAGE_STYLE = {'micro-average': '--', 'macro-average': ':'}
 
 
-def plot_curves(curves: dict, averages: list, names: List[str], kind: str, path: Path) -> None:
-    """The ``kind`` ('roc' or 'pr') displays of the classes, the MAX_CURVES worst beyond that, and ``averages``."""
+def plot_curves(curves: dict, total: int, averages: list, names: List[str], kind: str, path: Path) -> None:
+    """The ``kind`` ('roc' or 'pr') displays ``curves`` ({class: display}, worst first) of the ``total`` classes
+    that have a curve, and ``averages``."""
     binary = len(names) == 2
     fig, ax = plt.subplots(figsize=(7, 6))
-    drawn = sorted(curves, key=lambda c: score(curves[c][kind]))
     title = ('ROC' if kind == 'roc' else 'Precision-recall') + (f' ({plot_text(names[1])} as positive)' if binary else '')
-    if len(drawn) > MAX_CURVES:
-        drawn = drawn[:MAX_CURVES]
-        title += f': the {MAX_CURVES} worst of {len(curves)} classes + averages'
-    for c in drawn:
-        curves[c][kind].plot(ax=ax, name=plot_text(names[c])).line_.set_linewidth(1.2)
+    if total > len(curves):
+        title += f': the {len(curves)} worst of {total} classes + averages'
+    for c, display in curves.items():
+        display.plot(ax=ax, name=plot_text(names[c])).line_.set_linewidth(1.2)
     for name, display in averages:
         display.plot(ax=ax, name=name).line_.set(color='k', linestyle=AVERAGE_STYLE[name], linewidth=2)
     if not curves:
@@ -250,11 +251,13 @@ def write_labelled_report(probs: np.ndarray, targets: np.ndarray, paths: Sequenc
     plot_confusion(cm, label_names, out / 'confusion_matrix.png', normalized=False)
     plot_confusion(cm, label_names, out / 'confusion_matrix_normalized.png', normalized=True)
 
-    curves = per_class_curves(probs, targets, [1] if len(names) == 2 else present)
-    averages = average_curves(probs, targets, present, curves) if len(names) > 2 and curves else {}
-    for kind in ('roc', 'pr'):
-        plot_curves(curves, averages.get(kind, []), names, kind, out / f'{kind}_curves.png')
-    roc, ap = ({c: score(d[kind]) for c, d in curves.items()} for kind in ('roc', 'pr'))
+    ranked = ranked_classes(targets, [1] if len(names) == 2 else present)
+    found = one_vs_rest_scores(probs, targets, ranked, ROC_GRID)
+    roc, ap = (dict(zip(ranked, found[kind].tolist())) for kind in ('roc_auc', 'average_precision'))
+    averages = average_curves(probs, targets, present, found['mean_tpr']) if len(names) > 2 and ranked else {}
+    for kind, scores in (('roc', roc), ('pr', ap)):
+        plot_curves(worst_curves(probs, targets, scores, kind), len(scores), averages.get(kind, []), names, kind,
+                    out / f'{kind}_curves.png')
     report = classification_report(targets, predicted, labels=present, target_names=[names[c] for c in present],
                                    output_dict=True, zero_division=0)
     per_class = pd.DataFrame({k: v for k, v in report.items() if isinstance(v, dict)}).T

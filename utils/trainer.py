@@ -28,7 +28,7 @@ from utils.curves import add_curves_to_report, update_curves
 from utils.data import class_weights, eval_loader, train_loader
 from utils.distillation import load_teacher, make_distillation
 from utils.distributed import DistInfo, any_process, barrier, cleanup, gather_lists, init_distributed, on_main_process
-from utils.engine import Diverged, StepSettings, evaluate, train_one_epoch
+from utils.engine import Diverged, StepSettings, amp_settings, evaluate, train_one_epoch
 from utils.optim import build_optimizer, resolve_lr
 from utils.schedule import lr_schedule, warmup_epochs
 from utils.selection import describe, metric_value, rank
@@ -40,15 +40,6 @@ from utils.trackers import Trackers
 log = logging.getLogger('train')
 REPO = Path(__file__).resolve().parent.parent
 DEMO_ROOT = REPO / 'data' / 'demo'
-
-
-def amp_settings(enabled: bool, device: torch.device):
-    """bf16 where the GPU supports it, else fp16 with a grad scaler; full precision on the CPU."""
-    if not enabled or device.type != 'cuda':
-        return None, None
-    if torch.cuda.is_bf16_supported():
-        return torch.bfloat16, None
-    return torch.float16, torch.amp.GradScaler('cuda')
 
 
 def check_resume_fits(ckpt: dict, args, classes) -> None:

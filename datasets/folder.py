@@ -1,8 +1,9 @@
 """Image folders: one sub-folder per class, in one of the layouts below; ``make_split`` reads them.
 
   ROOT/<class>/...                              a seeded stratified split (``val_split`` of each class)
-  ROOT/train/<class>/... + ROOT/val/<class>/... the given split; ``validation/``, ``valid/`` or ``test/``
-                                                serve as val too (in that order of preference)
+  ROOT/train/<class>/... + ROOT/val/<class>/... the given split; ``training/`` serves as train, and
+                                                ``validation/``, ``valid/``, ``test/`` or ``testing/`` as val
+                                                (in that order of preference)
   train_dir / val_dir                           any other pair of folders
 
 Below a class folder, files at any depth count, symlinked folders included (each real folder once).
@@ -32,8 +33,9 @@ from .images import IMAGE_EXTENSIONS, cannot_read, check_image, load_problem, lo
 log = logging.getLogger(__name__)
 
 Sample = Tuple[str, int]
-VAL_NAMES = ('val', 'validation', 'valid', 'test')  # validation split folder names, preferred first
-SPLIT_NAMES = ('train',) + VAL_NAMES
+TRAIN_NAMES = ('train', 'training')  # split folder names (any case), preferred first
+VAL_NAMES = ('val', 'validation', 'valid', 'test', 'testing')
+SPLIT_NAMES = TRAIN_NAMES + VAL_NAMES
 # a folder holding one of these sets of files was written by this toolkit (a run folder, from its first
 # epoch or its first files; a predict.py report or --images output; a benchmark.py folder)
 TOOLKIT_MARKS = (('last.pth',), ('best.pth',), ('config.yaml', 'class_indices.json'), ('report.html', 'summary.json'),
@@ -196,20 +198,27 @@ def split_folders(root: Path, folders: Sequence[str]) -> Tuple[Optional[Path], O
     sub-folders of ``root``), or (None, None) for a root of class folders. Split names that do not pair up
     are refused: they are not classes."""
     by_name = {name.lower(): name for name in folders}
+    trains = [by_name[n] for n in TRAIN_NAMES if n in by_name]
     vals = [by_name[n] for n in VAL_NAMES if n in by_name]
     other_layout = 'or pass --train-dir DIR --val-dir DIR for another layout'
-    if 'train' in by_name and vals:
-        others = [f for f in folders if f not in (by_name['train'], vals[0])]
-        log.info(f"data: '{by_name['train']}/' for training, '{vals[0]}/' for validation"
+    if trains and vals:
+        others = [f for f in folders if f not in (trains[0], vals[0])]
+        log.info(f"data: '{trains[0]}/' for training, '{vals[0]}/' for validation"
                  + (f"; ignoring {', '.join(f + '/' for f in others)}" if others else ''))
-        return root / by_name['train'], root / vals[0]
-    if 'train' in by_name:
-        raise UserError(f"'{root}' has train/ but no validation folder ({', '.join(n + '/' for n in VAL_NAMES)}); "
-                        f"add one, pass --data-root {root / by_name['train']} to split train/ by --val-split, "
+        return root / trains[0], root / vals[0]
+    if trains:
+        raise UserError(f"'{root}' has {trains[0]}/ but no validation folder ({', '.join(n + '/' for n in VAL_NAMES)}); "
+                        f"add one, pass --data-root {root / trains[0]} to split it by --val-split, "
                         f"{other_layout}")
-    if folders and all(name.lower() in SPLIT_NAMES for name in folders):
+    splits = [name for name in folders if name.lower() in SPLIT_NAMES]
+    if splits and len(splits) == len(folders):
         raise UserError(f"'{root}' holds only {', '.join(f + '/' for f in folders)} and no train/; "
                         f"add train/ with the same class folders, {other_layout}")
+    if splits:
+        others = [f for f in folders if f not in splits]
+        raise UserError(f"'{root}' holds the split folder {splits[0]}/ beside {', '.join(f + '/' for f in others[:3])}"
+                        f"{' ...' if len(others) > 3 else ''}: a split name is not a class; put the class folders "
+                        f"in train/, {other_layout}")
     return None, None
 
 
@@ -279,7 +288,7 @@ def labelled_root(root) -> Path:
     folders = sub_folders(root)
     by_name = {name.lower(): name for name in folders}
     vals = [by_name[n] for n in VAL_NAMES if n in by_name]
-    if vals and ('train' in by_name or all(name.lower() in SPLIT_NAMES for name in folders)):
+    if vals and (any(n in by_name for n in TRAIN_NAMES) or all(name.lower() in SPLIT_NAMES for name in folders)):
         return root / vals[0]
     return root
 

@@ -22,7 +22,8 @@ def split_root(root, names, per_class=2):
 
 
 @pytest.mark.parametrize('names, used', [(('train', 'validation'), 'validation'), (('train', 'test'), 'test'),
-                                         (('train', 'valid'), 'valid'), (('test', 'train', 'val'), 'val')])
+                                         (('train', 'valid'), 'valid'), (('test', 'train', 'val'), 'val'),
+                                         (('Training', 'Testing'), 'Testing'), (('Training', 'Test'), 'Test')])
 def test_split_folder_names_give_the_validation_split(names, used, tmp_path, caplog):
     root = split_root(tmp_path / 'd', names)
     with caplog.at_level(logging.INFO):
@@ -36,7 +37,8 @@ def test_split_folder_names_give_the_validation_split(names, used, tmp_path, cap
 
 @pytest.mark.parametrize('names, message', [(('train',), 'no validation folder'),
                                             (('train', 'holdout'), 'no validation folder'),
-                                            (('val', 'test'), 'no train/')])
+                                            (('val', 'test'), 'no train/'), (('Training',), 'no validation folder'),
+                                            (('Test', 'holdout'), 'a split name is not a class')])
 def test_split_names_that_do_not_pair_up_are_refused(names, message, tmp_path, capsys):
     root = split_root(tmp_path / 'd', names)
     assert train_gpu.main(['--data-root', str(root), '--output-dir', str(tmp_path / 'r'), *TINY_FLAGS]) == 2

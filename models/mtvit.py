@@ -44,7 +44,8 @@ FUSIONS = ('merge', 'fuse')
 
 
 def default_prune_blocks(depth: int):
-    return tuple(sorted({max(1, round(depth * f)) for f in (0.25, 0.5, 0.75)}))
+    """Blocks at 1/4, 1/2 and 3/4 of the depth (3 6 9 of 12), each in 1..depth-1."""
+    return tuple(sorted({min(depth - 1, max(1, round(depth * f))) for f in (0.25, 0.5, 0.75)}))
 
 
 def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float, prefix: int, has_cls: bool) -> torch.Tensor:

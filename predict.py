@@ -107,7 +107,7 @@ def run_labelled(args, method, cfg, device, amp_dtype) -> None:
         draw_token_maps(*load_model(args, method, cfg, device), [p for p, _ in picked], out, args.n_visualization)
         add_plot(out, 'Token maps', 'token_maps.png')
     table, note = per_class_shown(read_report_csv(out / 'per_class_report.csv'), len(summary['classes_in_data']))
-    print(table.to_string(float_format=lambda v: f'{v:.4f}') + (f'\n{note}' if note else ''))
+    print(table.to_string(float_format=lambda v: f'{v:.4f}', na_rep='-') + (f'\n{note}' if note else ''))
     print(f"accuracy {summary['accuracy'] * 100:.2f}% on {summary['images']} images "
           f"(top-{summary['top_k']} {summary['top_k_accuracy'] * 100:.2f}%), {summary['skipped_files']} skipped; "
           f"report: {out / 'report.html'}")

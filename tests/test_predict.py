@@ -84,6 +84,8 @@ def test_unknown_classes_are_skipped_and_reported(run, tmp_path, capsys):
                          '--output-dir', str(out), '--workers', '0']) == 0
     summary = json.loads((out / 'summary.json').read_text())
     assert summary['unknown_classes'] == ['dots'] and summary['images'] == 20
+    printed = capsys.readouterr().out  # the accuracy row and the n/a AUC of one class: '-', as in report.html
+    assert 'NaN' not in printed and 'accuracy ' in printed
     only_unknown = tmp_path / 'unknown'
     make_image_folder(only_unknown, classes=('dots',), per_class=2)
     assert predict.main(['--weights', str(run_dir / 'best.pth'), '--data-root', str(only_unknown)]) == 2

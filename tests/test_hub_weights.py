@@ -182,3 +182,16 @@ def test_no_cache_and_no_network_names_both_ways_out(hub, tmp_path, capsys):
     assert err[0] == f'weights: {DEFAULT[5:]} from the Hugging Face hub ({DEFAULT}), downloading once into {hub.cache}'
     assert len(err) == 2 and err[1].startswith('error: could not get the weights')
     assert '--pretrained FILE' in err[1] and '--pretrained none' in err[1] and not (tmp_path / 'r').exists()
+
+
+def test_hub_warnings_are_printed_once(tmp_path):
+    """huggingface_hub prints through its own handler; the run's console handler must not print it again."""
+    import logging
+    from utils.run_files import setup_logging
+    setup_logging(tmp_path, True)
+    logger, consoles = logging.getLogger('huggingface_hub.utils._http'), 0
+    while logger is not None:  # the handlers a record of it reaches
+        consoles += sum(type(h) is logging.StreamHandler for h in logger.handlers)
+        logger = logger.parent if logger.propagate else None
+    assert consoles == 1
+

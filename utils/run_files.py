@@ -90,6 +90,8 @@ def setup_logging(run_dir, is_main: bool) -> None:
         handlers.append(logging.FileHandler(Path(run_dir) / 'train.log', errors='backslashreplace'))
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format='%(message)s',
                         handlers=handlers, force=True)
+    from huggingface_hub.utils import logging as hub_logging
+    hub_logging.disable_propagation()  # its warnings (download retries) have their own handler: printed once
 
 
 def append_log_row(path, row: Dict[str, float]) -> None:

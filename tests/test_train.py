@@ -207,6 +207,14 @@ def test_resume_from_another_class_list(trained, tmp_path, capsys):
     assert last.read_bytes() == before
 
 
+
+def test_resume_with_no_epoch_left_is_refused_and_keeps_the_run(trained, capsys):
+    kept = {name: (trained / name).read_bytes() for name in ('config.yaml', 'last.pth', 'log.csv')}
+    for epochs in ('3', '8'):
+        _expect_error(['--resume', str(trained / 'last.pth'), '--epochs', epochs], capsys,
+                      'nothing left to train', '(8 epochs)', '--epochs 9 or more')
+    assert all((trained / name).read_bytes() == data for name, data in kept.items())
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(trained, tmp_path, capsys, monkeypatch):
     import shutil
     run = tmp_path / 'nan'

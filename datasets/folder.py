@@ -269,6 +269,11 @@ def make_split(root=None, val_split: float = 0.2, seed: int = 0, train_dir=None,
         raise UserError(f'--val-split must be between 0 and 1 (got {val_split}) when there is no validation folder')
     scan = scan_training_root(root, folders)
     targets = [t for _, t in scan.samples]
+    counts = torch.bincount(torch.tensor(targets), minlength=len(scan.classes)).tolist()
+    single = [c for c, n in zip(scan.classes, counts) if n < 2]
+    if single:  # scikit-learn's message names them by index
+        raise UserError(f"cannot split '{root}' into train and val: class folder(s) {', '.join(single[:5])} hold a "
+                        f"single image; add images to them, or provide train/ and val/ folders")
     try:
         train, val = train_test_split(scan.samples, test_size=val_split, random_state=seed, stratify=targets)
     except ValueError as err:

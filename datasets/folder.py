@@ -207,9 +207,9 @@ def split_folders(root: Path, folders: Sequence[str]) -> Tuple[Optional[Path], O
                  + (f"; ignoring {', '.join(f + '/' for f in others)}" if others else ''))
         return root / trains[0], root / vals[0]
     if trains:
-        raise UserError(f"'{root}' has {trains[0]}/ but no validation folder ({', '.join(n + '/' for n in VAL_NAMES)}); "
-                        f"add one, pass --data-root {root / trains[0]} to split it by --val-split, "
-                        f"{other_layout}")
+        names = ', '.join(n + '/' for n in VAL_NAMES)
+        raise UserError(f"'{root}' has {trains[0]}/ but no validation folder ({names}); add one, "
+                        f"pass --data-root {root / trains[0]} to split it by --val-split, {other_layout}")
     splits = [name for name in folders if name.lower() in SPLIT_NAMES]
     if splits and len(splits) == len(folders):
         raise UserError(f"'{root}' holds only {', '.join(f + '/' for f in folders)} and no train/; "

@@ -194,4 +194,3 @@ def test_hub_warnings_are_printed_once(tmp_path):
         consoles += sum(type(h) is logging.StreamHandler for h in logger.handlers)
         logger = logger.parent if logger.propagate else None
     assert consoles == 1
-

@@ -58,13 +58,13 @@ def test_train_dir_and_val_dir_for_any_other_layout(tmp_path):
         make_split(root, val_dir='holdout')
 
 
-
 def test_a_class_of_one_image_is_named_when_the_split_needs_two(tmp_path):
     root = make_image_folder(tmp_path / 'd', per_class=3, size=16)
     for extra in sorted((root / 'stripes_v').iterdir())[1:]:
         extra.unlink()
     with pytest.raises(UserError, match="class folder.s. stripes_v hold a single image"):
         make_split(root)
+
 
 @pytest.mark.parametrize('kind', ['empty', 'unreadable'])
 def test_empty_or_unreadable_validation_split_is_refused(kind, tmp_path):

@@ -30,12 +30,12 @@ def test_multi_scale_runs_at_any_grid_with_one_image(img_size, patch_size):
     assert counts[0] == 1 + (grid // 2) ** 2 and counts[1] == 1 + grid ** 2  # block 0: coarse branch, then fine
 
 
-
 @pytest.mark.parametrize('depth', [2, 3])
 def test_default_prune_blocks_fit_a_shallow_model(depth):
     model = build_model('vit_tiny_patch16_224', 'mtvit', num_classes=3, **{**TINY, 'depth': depth})
     assert model.mtvit_cfg['prune_blocks'] == list(range(1, depth))
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
 
 def official_keys(state):
     """Our multi-scale state dict under the official MTViT's key names."""

@@ -44,7 +44,7 @@ DEMO_ROOT = REPO / 'data' / 'demo'
 
 def check_resume_fits(ckpt: dict, args, classes) -> None:
     """A checkpoint from another model, method or class list cannot be resumed on this run, nor one that has
-    trained --epochs already."""
+    trained more than --epochs."""
     problems = []
     if ckpt['model_name'] != args.model:
         problems.append(f"model {ckpt['model_name']} (this run: {args.model})")
@@ -58,9 +58,9 @@ def check_resume_fits(ckpt: dict, args, classes) -> None:
         raise UserError(f"cannot resume from '{args.resume}': it was trained with {'; '.join(problems)}; "
                         f"resume with the same settings and data, or start a new run with --pretrained")
     done = ckpt['epoch'] + 1
-    if done >= args.epochs:  # config.yaml would record an --epochs the run never had
-        raise UserError(f"nothing left to train: '{args.resume}' holds epoch {ckpt['epoch']} ({done} epochs) and "
-                        f"--epochs is {args.epochs}; pass --epochs {done + 1} or more to train longer")
+    if done > args.epochs:  # config.yaml would record an --epochs the run never had (equal: only the report runs)
+        raise UserError(f"cannot resume '{args.resume}' with --epochs {args.epochs}: it has trained {done} epochs "
+                        f"already; pass --epochs {done + 1} or more to train longer")
 
 
 def log_epoch(epoch: int, train_stats: dict, val_stats: dict, ema_stats: Optional[dict], num_classes: int) -> None:

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from utils.atomic_write import replaced_atomically
+from utils.atomic_write import replaced_atomically, write_failure
 from utils.errors import UserError
 
 TOOLKIT_FORMAT = 'vit-token-reduction/1'
@@ -108,16 +108,6 @@ def save_atomic(obj: dict, path) -> None:
     except (OSError, RuntimeError) as err:  # torch's writer raises RuntimeError over the OSError of a full disk
         raise UserError(f"cannot write '{path}' ({write_failure(err)}); '{Path(path).name}' is as it was before; "
                         f"free disk space or choose another --output-dir") from None
-
-
-def write_failure(err: BaseException) -> str:
-    """The cause of a failed write in a few words: the OS's reason where an ``OSError`` is in the chain."""
-    cause = err
-    while cause is not None:
-        if isinstance(cause, OSError) and cause.strerror:
-            return cause.strerror
-        cause = cause.__cause__ or cause.__context__
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
 
 
 def make_checkpoint(meta: dict, model_state: dict, **training_state) -> dict:

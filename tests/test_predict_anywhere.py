@@ -180,3 +180,33 @@ def test_bad_sources_are_one_line(flags, message, tmp_path, monkeypatch, capsys)
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if line.startswith('error:')][0].startswith(f'error: {message}')
     assert err.count('error:') == 1 and 'Traceback' not in err
+
+
+def test_output_dir_is_replaced_whole_or_left_as_it_was(tmp_path, monkeypatch, capsys):
+    weights, images = tiny_checkpoint(tmp_path / 'best.pth'), make_image_folder(tmp_path / 'img', per_class=1)
+    out = tmp_path / 'out'
+    flags = ['--weights', str(weights), '--images', str(images), '--workers', '0', '--output-dir', str(out)]
+    out.mkdir()
+    (out / 'probabilities.npy').write_bytes(b'old')                   # an earlier run's --save-probs
+    assert predict.main(flags) == 0
+    assert sorted(p.name for p in out.iterdir()) == ['predictions.csv']  # not half old, half new
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith('.')) == []
+
+    import utils.predictor
+    written = utils.predictor.write_image_predictions
+
+    def interrupted(*args, **kwargs):
+        written(*args, **kwargs)
+        raise KeyboardInterrupt                                       # Ctrl-C (or SIGTERM) mid-output
+    monkeypatch.setattr(utils.predictor, 'write_image_predictions', interrupted)
+    before = (out / 'predictions.csv').read_bytes()
+    (out / 'predictions.csv').write_bytes(b'old')
+    assert predict.main(flags + ['--save-probs']) == 130
+    assert sorted(p.name for p in out.iterdir()) == ['predictions.csv'] and (out / 'predictions.csv').read_bytes() == b'old'
+    assert not any(p.name.startswith('.') for p in tmp_path.iterdir()) and before != b'old'
+
+    (out / 'notes.txt').write_text('mine')                            # a folder that is not only an output
+    for target, message in ((out, 'holds files other than an earlier output (notes.txt)'), (weights, 'is a file')):
+        assert predict.main(flags[:-1] + [str(target)]) == 2
+        assert f"error: --output-dir '{target}' {message}" in capsys.readouterr().err
+    assert (out / 'notes.txt').read_text() == 'mine' and (out / 'predictions.csv').read_bytes() == b'old'

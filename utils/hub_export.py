@@ -21,9 +21,10 @@ import torch
 from timm.models import save_for_hf
 from timm.models._hub import save_config_for_hf
 
-from models.checkpoint import load_toolkit_checkpoint, make_checkpoint, save_atomic, write_failure
+from models.checkpoint import load_toolkit_checkpoint, make_checkpoint, save_atomic
 from models.factory import load_for_inference, model_from_checkpoint
 from models.registry import apply_method, method_cfg, method_name
+from utils.atomic_write import write_failure
 from utils.errors import UserError
 from utils.export import TOLERANCE, compare, input_batch
 from utils.hub_card import CardFacts, model_card

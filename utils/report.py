@@ -40,6 +40,11 @@ MISTAKES_SHOWN = 16
 MISTAKE_COLUMNS = 4
 FORMULA_START = ('=', '+', '-', '@', '\t', '\r', "'")  # "'" too, so that read_name undoes safe_name exactly
 CSV_OPTIONS = dict(errors='surrogateescape')  # non-UTF-8 file names are written as the bytes they are
+# every name predict.py writes into its --output-dir: a folder of only these is an earlier output it may replace
+REPORT_FILES = ('predictions.csv', 'predictions.json', 'probabilities.npy', 'classes.json', 'confusion_matrix.csv',
+                'confusion_matrix_normalized.csv', 'confusion_matrix.png', 'confusion_matrix_normalized.png',
+                'roc_curves.png', 'pr_curves.png', 'reliability.png', 'misclassified.png', 'per_class_report.csv',
+                'summary.json', 'report.html', 'token_maps.png', 'token_maps')
 
 
 def safe_name(name: str) -> str:

@@ -85,14 +85,21 @@ def _from_toolkit_checkpoint(model: nn.Module, ckpt: dict, source: str) -> None:
     load_backbone_state(model, state, source)
 
 
-def check_is_vit(name: str) -> None:
-    """Refuse a name timm does not know, or a model that is not a ViT (no ``blocks`` of ``patch_embed`` tokens),
-    before anything is built: built on the meta device, with its defaults, it costs neither memory nor time."""
+def check_is_vit(name: str, model_kwargs: Optional[dict] = None) -> None:
+    """Refuse a name timm does not know, a model that is not a ViT (no ``blocks`` of ``patch_embed`` tokens) or
+    ``model_kwargs`` it does not take, before anything is built: built on the meta device, it costs neither
+    memory nor time."""
     if not timm.is_model(name):
         raise UserError(f"timm has no model '{name}'; use a timm ViT/DeiT name such as deit_small_patch16_224 "
                         f"(timm.list_models('*vit*') lists them)")
-    with torch.device('meta'):
-        probe = timm.create_model(name)
+    try:
+        with torch.device('meta'):
+            probe = timm.create_model(name, **(model_kwargs or {}))
+    except (TypeError, ValueError, AssertionError) as err:  # an unknown keyword, a value of the wrong type
+        given = ' '.join(f'{k}={v}' for k, v in (model_kwargs or {}).items() if k != 'num_classes')
+        cause = str(err).strip()[:150] or type(err).__name__
+        raise UserError(f"{name} cannot be built with {given} ({cause}); check --model-kwargs: they are "
+                        f"timm.create_model arguments of the model, e.g. depth=6 embed_dim=192") from None
     if not hasattr(probe, 'blocks') or not hasattr(probe, 'patch_embed'):
         raise UserError(f"'{name}' is not a Vision Transformer; use a timm ViT/DeiT name such as "
                         f"deit_small_patch16_224")
@@ -108,10 +115,10 @@ def build_model(name: str, method: str = 'none', method_cfg: Optional[dict] = No
         'hf-hub:ORG/NAME' (see ``models.pretrained``).
     model_kwargs: passed to ``timm.create_model`` (e.g. depth=4, embed_dim=64 for a tiny test model).
     """
-    check_is_vit(name)
     kwargs = dict(num_classes=num_classes, **model_kwargs)
     if img_size:
         kwargs['img_size'] = img_size
+    check_is_vit(name, kwargs)
     weights = resolve_pretrained(name, pretrained)  # None, a file's path, or hub weights
     hub = isinstance(weights, HubWeights)
     label = weights.label if hub else weights

@@ -18,7 +18,7 @@ from datasets.images import try_load_rgb
 from models.registry import available_methods
 from utils.benchmark import (BenchConfig, ModelSource, input_images, markdown_table, parse_sweep, run_rows,
                              stack_token_maps, write_outputs)
-from utils.cli_args import HelpFormatter, compile_flag, device_flag, model_flags, weights_flag
+from utils.cli_args import HelpFormatter, at_least, compile_flag, device_flag, model_flags, weights_flag
 from utils.config import parse_key_values
 from utils.distributed import pick_device
 from utils.errors import UserError, run_cli
@@ -31,17 +31,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 parents=[model_flags('deit_small_patch16_224'),
                                          weights_flag(required=False, note=': rows use its weights (and model)'),
                                          device_flag(), compile_flag()])
-    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('--img-size', type=at_least(1), default=224)
     p.add_argument('--methods', nargs='*', default=None,
                    help='methods with their default settings (default: every available one)')
     p.add_argument('--sweep', nargs='*', default=[], metavar='METHOD.KEY=V1,V2',
                    help='one row per value, e.g. tome.r=4,8,13,16 gtp.num_prop=4,8,12')
-    p.add_argument('--batch-size', '-b', type=int, default=64)
+    p.add_argument('--batch-size', '-b', type=at_least(1), default=64)
     p.add_argument('--amp', action=argparse.BooleanOptionalAction, default=True, help='bf16/fp16 on CUDA')
-    p.add_argument('--runs', type=int, default=10, help='timed runs per row (the median is reported)')
-    p.add_argument('--warmup', type=int, default=3)
-    p.add_argument('--mac-images', type=int, default=2, help='images whose MACs are averaged per row')
-    p.add_argument('--threads', type=int, help='CPU threads (default: torch default)')
+    p.add_argument('--runs', type=at_least(1), default=10, help='timed runs per row (the median is reported)')
+    p.add_argument('--warmup', type=at_least(0), default=3)
+    p.add_argument('--mac-images', type=at_least(1), default=2, help='images whose MACs are averaged per row')
+    p.add_argument('--threads', type=at_least(1), help='CPU threads (default: torch default)')
     p.add_argument('--train', action='store_true', help='measure training (forward + backward) instead')
     p.add_argument('--runtime', nargs='+', choices=('torch', 'onnxruntime'), default=['torch'],
                    help='onnxruntime: also time each row exported to ONNX (CPU; needs requirements-export.txt)')

@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from models.registry import method_override
-from utils.cli_args import HelpFormatter, method_flags, weights_flag
+from utils.cli_args import HelpFormatter, at_least, method_flags, weights_flag
 from utils.config import given_flags
 from utils.errors import UserError, run_cli
 from utils.export import FORMATS, OPSET
@@ -30,9 +30,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--push-to-hub', metavar='ORG/NAME', help='with --format hub: upload the folder to this hub '
                                                             'repository (needs a network and `hf auth login`)')
     shape = p.add_mutually_exclusive_group()  # graph settings: onnx and torchscript
-    shape.add_argument('--batch-size', '-b', type=int, default=1, help='the fixed batch size of the graph')
+    shape.add_argument('--batch-size', '-b', type=at_least(1), default=1, help='the fixed batch size of the graph')
     shape.add_argument('--dynamic-batch', action='store_true', help='any batch size')
-    p.add_argument('--img-size', type=int, help="input size (default: the checkpoint's)")
+    p.add_argument('--img-size', type=at_least(1), help="input size (default: the checkpoint's)")
     p.add_argument('--check-images', nargs='*', default=[], help='image files or folders to check the file on '
                                                                  '(default: 8 random normalised inputs)')
     return p

@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 from models.registry import method_override
-from utils.cli_args import HelpFormatter, compile_flag, device_flag, method_flags, model_flags, weights_flag
+from utils.cli_args import HelpFormatter, at_least, compile_flag, device_flag, method_flags, model_flags, weights_flag
 from utils.config import given_flags
 from utils.errors import UserError, run_cli
 
@@ -44,10 +44,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--url-timeout', type=float, default=30.0, help='seconds to wait for an image URL')
     p.add_argument('--amp', action=argparse.BooleanOptionalAction, default=True,
                    help='mixed precision on CUDA (bf16 where supported, else fp16); full precision on the CPU')
-    p.add_argument('--batch-size', '-b', type=int, default=64)
-    p.add_argument('--workers', '-j', type=int, default=2)
+    p.add_argument('--batch-size', '-b', type=at_least(1), default=64)
+    p.add_argument('--workers', '-j', type=at_least(0), default=2)
     p.add_argument('--token-maps', action='store_true', help='draw what the method did to the tokens')
-    p.add_argument('--n-visualization', type=int, default=16, help='images in the token maps')
+    p.add_argument('--n-visualization', type=at_least(1), default=16, help='images in the token maps')
     return p
 
 

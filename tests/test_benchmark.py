@@ -60,9 +60,22 @@ def test_accuracy_columns_match_predict(tmp_path):
         assert row['macro_f1'] == pytest.approx(100 * summary['macro_f1'])
 
 
-def test_bad_sweep_is_clear(capsys):
-    assert benchmark.main([*TINY_BENCH, '--sweep', 'tome.r']) == 2
-    assert 'METHOD.KEY=V1,V2' in capsys.readouterr().err
+@pytest.mark.parametrize('sweep, message', [('tome.r', 'METHOD.KEY=V1,V2'),
+                                            ('tome.r=x', "error: tome r='x' is not a value of r (default 13)"),
+                                            ('gtp.num_prop=4,x', "error: gtp num_prop='x' is not a value of num_prop")])
+def test_bad_sweep_is_clear(sweep, message, tmp_path, capsys):
+    assert benchmark.main([*TINY_BENCH, '--sweep', sweep, '--output-dir', str(tmp_path / 'b')]) == 2
+    err = capsys.readouterr().err
+    assert message in err and 'Traceback' not in err and not (tmp_path / 'b').exists()
+
+
+@pytest.mark.parametrize('flag', [['--runs', '0'], ['--warmup', '-1'], ['--batch-size', '0'], ['--mac-images', '0'],
+                                  ['--threads', '0'], ['--img-size', '0']])
+def test_counts_below_their_least_are_refused_by_the_parser(flag, capsys):
+    with pytest.raises(SystemExit) as stop:
+        benchmark.main([*TINY_BENCH, *flag])
+    assert stop.value.code == 2
+    assert f'argument {flag[0]}' in capsys.readouterr().err
 
 
 def test_with_data_rows_are_measured_on_the_data_images(tmp_path):

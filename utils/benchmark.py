@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from models.factory import build_model
-from models.registry import available_methods, method_cfg, method_stats
+from models.registry import available_methods, check_setting_types, method_cfg, method_stats
 from utils.errors import UserError
 from utils.profiling import count_macs, peak_memory_mib, reset_peak_memory, time_forward
 
@@ -41,6 +41,7 @@ def parse_sweep(items: List[str], methods: List[str]) -> List[Setting]:
                 parsed = ast.literal_eval(value)
             except (ValueError, SyntaxError):
                 parsed = value
+            check_setting_types(method, {name: parsed})
             settings.append((method, {name: parsed}))
     for method in methods or []:
         if method not in available_methods():

@@ -44,12 +44,14 @@ def main(argv=None) -> int:
     def run():
         from datasets.folder import image_files
         from utils.export import export_checkpoint
+        from utils.stop_signals import stop_on_signals
         method, cfg = method_override(args, given_flags(get_args_parser, argv))
         files = image_files(args.check_images, '--check-images') if args.check_images else []
-        if args.format == 'hub' or args.push_to_hub:
-            return export_to_hub(args, method, cfg, files)
-        info = export_checkpoint(args.weights, args.format, args.output, method, cfg, args.batch_size,
-                                 args.dynamic_batch, args.img_size, files)
+        with stop_on_signals():  # SIGTERM too leaves an existing --output as it was
+            if args.format == 'hub' or args.push_to_hub:
+                return export_to_hub(args, method, cfg, files)
+            info = export_checkpoint(args.weights, args.format, args.output, method, cfg, args.batch_size,
+                                     args.dynamic_batch, args.img_size, files)
         check = info['check']
         print(f"{info['file']}: {info['model']} + {info['method']} {info['method_cfg'] or '(dense)'}, input "
               f"{info['batch_size']} x {'x'.join(map(str, info['input_size']))}; checked on {check['images']} "

@@ -133,7 +133,8 @@ def load_toolkit_checkpoint(path) -> dict:
         keys = ', '.join(list(ckpt)[:5])
         raise UserError(f"'{path}' is not a checkpoint of this toolkit (it has keys {keys} ...): it lacks the "
                         f"model name, classes and image size. Use a best.pth/last.pth written by train_gpu.py, "
-                        f"or pass this file to train_gpu.py --pretrained to fine-tune from it")
+                        f"pass this file to train_gpu.py --pretrained to fine-tune from it, or classify images with "
+                        f"it as predict.py --model NAME --pretrained {path} --images ...")
     if not finite_state(ckpt['model']):
         raise UserError(f"'{path}' holds NaN or infinite weights (saved from a run that diverged); use a checkpoint "
                         f"of an earlier epoch, or train again with a lower --lr")

@@ -123,6 +123,7 @@ def test_bad_weights(kind, run, tmp_path, capsys):
     assert err.startswith('error:') and 'Traceback' not in err
     assert {'missing': 'does not exist', 'truncated': 'is truncated or damaged',
             'plain_state_dict': 'not a checkpoint of this toolkit'}[kind] in err
+    assert (f'predict.py --model NAME --pretrained {path}' in err) == (kind == 'plain_state_dict')
 
 
 def test_empty_folder_and_missing_images(run, tmp_path, capsys):

@@ -92,6 +92,9 @@ def run_labelled(args, method, cfg, device, amp_dtype) -> None:
     from datasets.folder import labelled_root, scan_classes
     from utils.predictor import write_report
     from utils.report import per_class_shown, read_report_csv
+    if Path(args.data_root).is_file():
+        raise UserError(f"--data-root '{args.data_root}' is a file; it takes a folder of class folders. To classify "
+                        f"files, use --images {args.data_root}")
     root = labelled_root(args.data_root)
     if root != Path(args.data_root):
         print(f"scoring '{root}', the validation split of '{args.data_root}'")

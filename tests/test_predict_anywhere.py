@@ -170,7 +170,9 @@ def test_topk_sets_the_top_k_accuracy_of_a_labelled_folder(tmp_path):
     ([*MODEL, '--pretrained', 'none', '--images', 'x.png'], '--model predicts with trained weights'),
     ([*MODEL, '--pretrained', 'features.pth', '--images', 'x.png'], "the weights in 'features.pth' have no classifier"),
     ([*MODEL, '--pretrained', 'best.pth', '--images', 'x.png'], "'best.pth' is a checkpoint of this toolkit; pass it "
-                                                                "as --weights best.pth")])
+                                                                "as --weights best.pth"),
+    (['--weights', 'best.pth', '--data-root', 'x.png'], "--data-root 'x.png' is a file; it takes a folder of class "
+                                                        "folders. To classify files, use --images x.png")])
 def test_bad_sources_are_one_line(flags, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     Image.new('RGB', (32, 32)).save('x.png')

@@ -247,7 +247,9 @@ def write_labelled_report(probs: np.ndarray, targets: np.ndarray, paths: Sequenc
         write_probabilities(probs, names, out)
 
     labels = sorted(set(present) | set(predicted.tolist()))
-    cm = confusion_matrix(targets, predicted, labels=labels)
+    with warnings.catch_warnings():  # one label, all right and all predicted as it: scikit-learn's 1x1 is right
+        warnings.filterwarnings('ignore', 'A single label was found', UserWarning)
+        cm = confusion_matrix(targets, predicted, labels=labels)
     label_names = [names[i] for i in labels]
     safe = [safe_name(n) for n in label_names]
     pd.DataFrame(cm, index=safe, columns=safe).to_csv(out / 'confusion_matrix.csv', **CSV_OPTIONS)

@@ -16,13 +16,15 @@ import torch
 
 from datasets.images import try_load_rgb
 from models.registry import available_methods
-from utils.benchmark import (BenchConfig, ModelSource, input_images, markdown_table, parse_sweep, run_rows,
-                             stack_token_maps, write_outputs)
+from utils.atomic_write import replaced_folder
+from utils.benchmark import (OUTPUT_FILES, BenchConfig, ModelSource, input_images, markdown_table, parse_sweep,
+                             run_rows, stack_token_maps, write_outputs)
 from utils.cli_args import HelpFormatter, at_least, compile_flag, device_flag, model_flags, weights_flag
 from utils.config import parse_key_values
 from utils.distributed import pick_device
 from utils.errors import UserError, run_cli
 from utils.profiling import machine_description
+from utils.stop_signals import stop_on_signals
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -99,10 +101,13 @@ def run(args) -> None:
     out_dir = Path(args.output_dir or Path('runs') / f"benchmark-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.token_maps and (not Path(args.token_maps).is_file() or try_load_rgb(args.token_maps) is None):
         raise UserError(f"--token-maps: '{args.token_maps}' is not an image file that can be read")
-    table = run_rows(settings, ModelSource(cfg, checkpoint), cfg, images, evaluate, args.token_maps, out_dir)
-    write_outputs(table, header, out_dir, 'top1' if evaluate else None)
+    with stop_on_signals(), replaced_folder(out_dir, OUTPUT_FILES, '--output-dir') as staging:  # whole or as it was
+        table = run_rows(settings, ModelSource(cfg, checkpoint), cfg, images, evaluate, args.token_maps, staging)
+        write_outputs(table, header, staging, 'top1' if evaluate else None)
+        if args.token_maps:
+            stack_token_maps(staging)
     if args.token_maps:
-        print(f'token maps: {stack_token_maps(out_dir)}')
+        print(f"token maps: {out_dir / 'token_maps.png'}")
     print(markdown_table(table.drop(columns=['unprofiled_ops'])))
     print(f'written: {out_dir}/benchmark.csv, benchmark.md, pareto.png')
 

@@ -109,3 +109,16 @@ def test_images_that_fail_to_decode_are_skipped_or_refused(tmp_path, caplog):
     assert 'cut.jpg' in caplog.text
     with pytest.raises(UserError, match='none of the 1 images'):
         input_images(cfg, [str(data / 'checker' / 'cut.jpg')], data_config)
+
+
+def test_output_dir_is_replaced_whole_and_other_files_are_refused_up_front(tmp_path, capsys):
+    out = tmp_path / 'bench'
+    (out / 'token_maps' / '01-tome').mkdir(parents=True)               # an earlier run's, with --token-maps
+    (out / 'token_maps.png').write_bytes(b'old')
+    assert benchmark.main([*TINY_BENCH, '--methods', 'none', '--output-dir', str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ['benchmark.csv', 'benchmark.md', 'pareto.png']
+    (out / 'notes.txt').write_text('mine')
+    assert benchmark.main([*TINY_BENCH, '--methods', 'none', '--output-dir', str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --output-dir '{out}' holds files other than an earlier output (notes.txt)" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['bench'] and (out / 'notes.txt').read_text() == 'mine'

@@ -18,6 +18,8 @@ from utils.errors import UserError
 from utils.profiling import count_macs, peak_memory_mib, reset_peak_memory, time_forward
 
 Setting = Tuple[str, Dict[str, object]]  # (method, cfg changes)
+# every name benchmark.py writes into its --output-dir: a folder of only these is an earlier output it may replace
+OUTPUT_FILES = ('benchmark.csv', 'benchmark.md', 'pareto.png', 'token_maps.png', 'token_maps')
 
 
 def parse_sweep(items: List[str], methods: List[str]) -> List[Setting]:

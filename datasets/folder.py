@@ -6,7 +6,8 @@
   train_dir / val_dir                           any other pair of folders
 
 Below a class folder, files at any depth count, symlinked folders included (each real folder once; a link to a
-folder above it is a loop, skipped); hidden files and folders and __MACOSX are left out.
+folder above it is a loop, skipped and named, as is a broken symlink); hidden files and folders and __MACOSX
+are left out.
 Folders the toolkit writes (run folders, ``predict-*`` reports) are never scanned as data. A scan is a listing:
 files without an image extension and folders this user may not read are skipped with a warning naming each and
 the cause, and each class's files are header-checked only until a first readable one (so a class, or a
@@ -105,7 +106,7 @@ def list_images(folder, skipped: Optional[List[Tuple[str, str]]] = None) -> List
     included) this user may not list, or whose files it may not reach, is added to ``skipped`` with the cause
     (each unreachable file), or without ``skipped``, named in a warning. A listing: no file is opened or stat'ed
     (but a symlink, and one file per folder to see that its files can be reached)."""
-    seen, found, unreadable, loops = set(), [], [], []
+    seen, found, unreadable, links = set(), [], [], []
     pending = [os.fspath(folder)]
     real_folder = os.path.realpath(folder)
     while pending:
@@ -124,11 +125,13 @@ def list_images(folder, skipped: Optional[List[Tuple[str, str]]] = None) -> List
         for entry in entries:
             if entry.is_dir():
                 if entry.is_symlink() and encloses(os.path.realpath(entry.path), real_folder):
-                    loops.append((entry.path, 'a symlink to a folder above it (a loop); not followed'))
+                    links.append((entry.path, 'a symlink to a folder above it (a loop); not followed'))
                 elif not is_toolkit_output(entry.path):
                     pending.append(entry.path)
-            elif entry.is_file():  # False for a broken symlink
+            elif entry.is_file():
                 files.append(entry.path)
+            elif entry.is_symlink():  # neither file nor folder: its target is gone
+                links.append((entry.path, 'a broken symlink (its target does not exist)'))
         if files:
             try:
                 os.stat(files[0])
@@ -138,7 +141,7 @@ def list_images(folder, skipped: Optional[List[Tuple[str, str]]] = None) -> List
             except OSError:
                 pass
         found += files
-    problems = loops + [(path, cannot_read(err, 'folder')) for path, err in unreadable]
+    problems = links + [(path, cannot_read(err, 'folder')) for path, err in unreadable]
     if skipped is None:
         for path, problem in problems:
             log.warning('skipping %s: %s', path, problem)

@@ -20,7 +20,7 @@ from utils.atomic_write import replaced_folder
 from utils.benchmark import (OUTPUT_FILES, BenchConfig, ModelSource, input_images, markdown_table, parse_sweep,
                              run_rows, stack_token_maps, write_outputs)
 from utils.cli_args import HelpFormatter, at_least, compile_flag, device_flag, model_flags, weights_flag
-from utils.config import parse_key_values
+from utils.config import given_flags, parse_key_values
 from utils.distributed import pick_device
 from utils.errors import UserError, run_cli
 from utils.profiling import machine_description
@@ -55,10 +55,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    return run_cli(lambda: run(args))
+    return run_cli(lambda: run(args, given_flags(get_args_parser, argv)))
 
 
-def run(args) -> None:
+def run(args, given=()) -> None:
+    ignored = [f"--{name.replace('_', '-')}" for name in ('model', 'model_kwargs', 'img_size') if name in given]
+    if args.weights and ignored:
+        raise UserError(f"{', '.join(ignored)}: the --weights checkpoint gives the model and its input size; leave "
+                        f"them out (or benchmark the timm model alone, without --weights)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.compile and args.warmup < 1:

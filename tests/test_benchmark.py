@@ -122,3 +122,12 @@ def test_output_dir_is_replaced_whole_and_other_files_are_refused_up_front(tmp_p
     err = capsys.readouterr().err
     assert f"error: --output-dir '{out}' holds files other than an earlier output (notes.txt)" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ['bench'] and (out / 'notes.txt').read_text() == 'mine'
+
+
+def test_model_flags_beside_weights_are_refused_not_ignored(tmp_path, capsys):
+    from test_predict_anywhere import tiny_checkpoint
+    weights = tiny_checkpoint(tmp_path / 'best.pth')
+    assert benchmark.main(['--weights', str(weights), '--img-size', '64', '--output-dir', str(tmp_path / 'b')]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: --img-size: the --weights checkpoint gives the model and its input size')
+    assert not (tmp_path / 'b').exists()

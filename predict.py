@@ -89,18 +89,12 @@ def default_output(weights, name: str) -> Path:
 
 
 def run_labelled(args, method, cfg, device, amp_dtype) -> None:
-    from datasets.folder import labelled_root, scan_classes
-    from utils.predictor import write_report
+    from utils.predictor import scan_labelled, write_report
     from utils.report import per_class_shown, read_report_csv
     if Path(args.data_root).is_file():
         raise UserError(f"--data-root '{args.data_root}' is a file; it takes a folder of class folders. To classify "
                         f"files, use --images {args.data_root}")
-    root = labelled_root(args.data_root)
-    if root != Path(args.data_root):
-        print(f"scoring '{root}', the validation split of '{args.data_root}'")
-    scan = scan_classes(root)
-    if not scan.samples:
-        raise UserError(f"no readable images in class folders under '{root}'; expected {root}/<class>/<image>")
+    scan = scan_labelled(args.data_root)
     out = Path(args.output_dir) if args.output_dir else default_output(args.weights, Path(args.data_root).name)
     with output_folder(out) as staging:
         summary = write_report(args.weights, scan.samples, scan.classes, staging, device, args.batch_size,

@@ -131,3 +131,10 @@ def test_model_flags_beside_weights_are_refused_not_ignored(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith('error: --img-size: the --weights checkpoint gives the model and its input size')
     assert not (tmp_path / 'b').exists()
+
+
+def test_data_root_without_class_folders_is_the_message_predict_gives(tmp_path, capsys):
+    from test_predict_anywhere import tiny_checkpoint
+    weights, flat = tiny_checkpoint(tmp_path / 'best.pth'), make_image_folder(tmp_path / 'd', per_class=1) / 'checker'
+    assert benchmark.main(['--weights', str(weights), '--data-root', str(flat), '--runs', '1', '--warmup', '0']) == 2
+    assert capsys.readouterr().err.startswith(f"error: no readable images in class folders under '{flat}'")

@@ -106,7 +106,8 @@ def run(args, given=()) -> None:
     if args.token_maps and (not Path(args.token_maps).is_file() or try_load_rgb(args.token_maps) is None):
         raise UserError(f"--token-maps: '{args.token_maps}' is not an image file that can be read")
     with stop_on_signals(), replaced_folder(out_dir, OUTPUT_FILES, '--output-dir') as staging:  # whole or as it was
-        table = run_rows(settings, ModelSource(cfg, checkpoint), cfg, images, evaluate, args.token_maps, staging)
+        table = run_rows(settings, ModelSource(cfg, checkpoint, args.weights), cfg, images, evaluate, args.token_maps,
+                         staging)
         write_outputs(table, header, staging, 'top1' if evaluate else None)
         if args.token_maps:
             stack_token_maps(staging)

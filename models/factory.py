@@ -64,12 +64,16 @@ def _describe_mismatch(model: nn.Module, state: dict, allowed_missing=()) -> str
     return '; '.join(parts)
 
 
-def load_backbone_state(model: nn.Module, state: dict, source: str, allowed_missing=()) -> None:
+OWN_MODEL_HINT = ("the checkpoint's weights are not those of the model it names (model_name, model_kwargs): it was "
+                  "edited or mixed up; use a best.pth / last.pth as train_gpu.py wrote it")
+
+
+def load_backbone_state(model: nn.Module, state: dict, source: str, allowed_missing=(),
+                        hint: str = 'check --model / --model-kwargs against the file') -> None:
     """Load ``state`` into ``model`` strictly but for ``allowed_missing`` prefixes; explain misfits."""
     problem = _describe_mismatch(model, state, allowed_missing)
     if problem:
-        raise UserError(f"weights in '{source}' do not fit this model: {problem}; "
-                        f"check --model / --model-kwargs against the file")
+        raise UserError(f"weights in '{source}' do not fit this model: {problem}; {hint}")
     model.load_state_dict(state, strict=False)
 
 
@@ -191,12 +195,12 @@ def model_from_checkpoint(ckpt: dict, source: str = 'checkpoint', method: Option
                         img_size=ckpt['data_config']['input_size'][-1], **ckpt['model_kwargs'])
     own = model.state_dict()
     state = ckpt['model']
-    load_backbone_state(model, {k: v for k, v in state.items() if k in own}, source)
+    load_backbone_state(model, {k: v for k, v in state.items() if k in own}, source, hint=OWN_MODEL_HINT)
     same = method is None or method == ckpt['method']
     cfg = {**ckpt['method_cfg'], **(method_cfg or {})} if same else dict(method_cfg or {})
     model = apply_method(model, ckpt['method'] if same else method, cfg)
     if same:
-        load_backbone_state(model, state, source)
+        load_backbone_state(model, state, source, hint=OWN_MODEL_HINT)
     return model
 
 

@@ -138,3 +138,15 @@ def test_data_root_without_class_folders_is_the_message_predict_gives(tmp_path, 
     weights, flat = tiny_checkpoint(tmp_path / 'best.pth'), make_image_folder(tmp_path / 'd', per_class=1) / 'checker'
     assert benchmark.main(['--weights', str(weights), '--data-root', str(flat), '--runs', '1', '--warmup', '0']) == 2
     assert capsys.readouterr().err.startswith(f"error: no readable images in class folders under '{flat}'")
+
+
+def test_a_checkpoint_whose_weights_are_not_its_model_is_named(tmp_path, capsys):
+    import torch
+    from test_predict_anywhere import tiny_checkpoint
+    weights = tiny_checkpoint(tmp_path / 'best.pth')
+    ckpt = torch.load(weights, weights_only=True)
+    torch.save({**ckpt, 'model_kwargs': {**ckpt['model_kwargs'], 'embed_dim': 32}}, weights)  # edited by hand
+    assert benchmark.main(['--weights', str(weights), '--runs', '1', '--warmup', '0', '--batch-size', '2',
+                           '--output-dir', str(tmp_path / 'b')]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: weights in '{weights}' do not fit this model") and 'edited or mixed up' in err

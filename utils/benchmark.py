@@ -73,13 +73,13 @@ class BenchConfig:
 class ModelSource:
     """Builds each method's model once (random weights, or a checkpoint's) and applies run-time changes."""
 
-    def __init__(self, cfg: BenchConfig, checkpoint: Optional[dict] = None):
-        self.cfg, self.checkpoint, self.cache, self.initial = cfg, checkpoint, {}, {}
+    def __init__(self, cfg: BenchConfig, checkpoint: Optional[dict] = None, source: str = 'checkpoint'):
+        self.cfg, self.checkpoint, self.source, self.cache, self.initial = cfg, checkpoint, source, {}, {}
 
     def _build(self, method: str, changes: dict):
         if self.checkpoint is not None:
             from models.factory import model_from_checkpoint
-            return model_from_checkpoint(self.checkpoint, 'checkpoint', method, changes)
+            return model_from_checkpoint(self.checkpoint, self.source, method, changes)
         return build_model(self.cfg.model, method, changes, num_classes=self.cfg.num_classes,
                            img_size=self.cfg.img_size, **self.cfg.model_kwargs)
 

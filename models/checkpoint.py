@@ -30,6 +30,10 @@ LEGACY_MAGIC = b'\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19'  # its older format: p
 
 def read_checkpoint(path: str) -> dict:
     """Load a checkpoint file safely (tensors and plain values only) or fail with a clear message."""
+    if os.path.isdir(path):
+        inside = sorted(p.name for p in Path(path).glob('*') if p.suffix in ('.pth', '.safetensors'))
+        raise UserError(f"'{path}' is a folder; give a weights file in it"
+                        + (f": {', '.join(inside[:4])}" if inside else ' (it holds no .pth or .safetensors file)'))
     if not os.path.isfile(path):
         raise UserError(f"weights file '{path}' does not exist; give the path of a .pth or .safetensors file")
     try:

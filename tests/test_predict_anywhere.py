@@ -207,6 +207,12 @@ def test_output_dir_is_replaced_whole_or_left_as_it_was(tmp_path, monkeypatch, c
     assert sorted(p.name for p in out.iterdir()) == ['predictions.csv'] and (out / 'predictions.csv').read_bytes() == b'old'
     assert not any(p.name.startswith('.') for p in tmp_path.iterdir()) and before != b'old'
 
+    monkeypatch.undo()
+    (tmp_path / 'link').symlink_to(out)                               # a link to the output folder stays one
+    assert predict.main(flags[:-1] + [str(tmp_path / 'link')]) == 0
+    assert (tmp_path / 'link').is_symlink() and (out / 'predictions.csv').read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith('.')) == []
+    (out / 'predictions.csv').write_bytes(b'old')
     (out / 'notes.txt').write_text('mine')                            # a folder that is not only an output
     for target, message in ((out, 'holds files other than an earlier output (notes.txt)'), (weights, 'is a file')):
         assert predict.main(flags[:-1] + [str(target)]) == 2

@@ -56,7 +56,7 @@ def replaced_folder(folder, replaceable: Collection[str], flag: str):
     whole. An existing ``folder`` is replaced only when it holds nothing but names in ``replaceable`` (an
     earlier output of the same kind), else refused up front, as is a place that cannot be written (``flag``
     names the option to change). On any failure or interruption ``folder`` is left as it was."""
-    folder = Path(folder)
+    folder = Path(folder).resolve() if Path(folder).is_symlink() else Path(folder)  # a link keeps pointing there
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{flag} '{folder}' is a file; pass a folder (new or empty)")
     others = sorted(set(os.listdir(folder)) - set(replaceable)) if folder.is_dir() else []

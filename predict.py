@@ -148,8 +148,8 @@ def output_folder(out: Path):
     """The --output-dir, written whole at the end (an earlier output there is replaced, other files refused)."""
     from utils.atomic_write import replaced_folder
     from utils.report import REPORT_FILES
-    earlier = out.is_dir() and any(out.iterdir())
-    with replaced_folder(out, REPORT_FILES, '--output-dir') as staging:
+    with replaced_folder(out, REPORT_FILES, '--output-dir') as staging:  # which has listed out
+        earlier = out.is_dir() and any(out.iterdir())
         yield staging
     if earlier:
         print(f"(this output replaced the earlier one in '{out}')", file=sys.stderr)

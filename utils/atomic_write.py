@@ -59,7 +59,10 @@ def replaced_folder(folder, replaceable: Collection[str], flag: str):
     folder = Path(folder).resolve() if Path(folder).is_symlink() else Path(folder)  # a link keeps pointing there
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{flag} '{folder}' is a file; pass a folder (new or empty)")
-    others = sorted(set(os.listdir(folder)) - set(replaceable)) if folder.is_dir() else []
+    try:
+        others = sorted(set(os.listdir(folder)) - set(replaceable)) if folder.is_dir() else []
+    except OSError as err:
+        raise UserError(f"cannot read {flag} '{folder}' ({write_failure(err)}); choose another {flag}") from None
     if others:
         raise UserError(f"{flag} '{folder}' holds files other than an earlier output ({', '.join(others[:3])}"
                         f"{' ...' if len(others) > 3 else ''}); choose a new or empty folder (nothing there is changed)")

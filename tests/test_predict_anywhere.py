@@ -218,3 +218,17 @@ def test_output_dir_is_replaced_whole_or_left_as_it_was(tmp_path, monkeypatch, c
         assert predict.main(flags[:-1] + [str(target)]) == 2
         assert f"error: --output-dir '{target}' {message}" in capsys.readouterr().err
     assert (out / 'notes.txt').read_text() == 'mine' and (out / 'predictions.csv').read_bytes() == b'old'
+
+
+def test_an_output_dir_that_cannot_be_listed_is_one_line(tmp_path, monkeypatch):
+    import utils.atomic_write
+    from utils.atomic_write import replaced_folder
+    from utils.errors import UserError
+
+    def denied(path):
+        raise PermissionError(13, 'Permission denied', str(path))
+    (tmp_path / 'out').mkdir()
+    monkeypatch.setattr(utils.atomic_write.os, 'listdir', denied)     # as a folder of another user, for non-root
+    with pytest.raises(UserError, match=r"cannot read --output-dir '.*out' \(Permission denied\)"):
+        with replaced_folder(tmp_path / 'out', (), '--output-dir'):
+            pass

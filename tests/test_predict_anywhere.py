@@ -204,7 +204,8 @@ def test_output_dir_is_replaced_whole_or_left_as_it_was(tmp_path, monkeypatch, c
     before = (out / 'predictions.csv').read_bytes()
     (out / 'predictions.csv').write_bytes(b'old')
     assert predict.main(flags + ['--save-probs']) == 130
-    assert sorted(p.name for p in out.iterdir()) == ['predictions.csv'] and (out / 'predictions.csv').read_bytes() == b'old'
+    assert sorted(p.name for p in out.iterdir()) == ['predictions.csv']
+    assert (out / 'predictions.csv').read_bytes() == b'old'
     assert not any(p.name.startswith('.') for p in tmp_path.iterdir()) and before != b'old'
 
     monkeypatch.undo()

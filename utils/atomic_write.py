@@ -65,13 +65,15 @@ def replaced_folder(folder, replaceable: Collection[str], flag: str):
         raise UserError(f"cannot read {flag} '{folder}' ({write_failure(err)}); choose another {flag}") from None
     if others:
         raise UserError(f"{flag} '{folder}' holds files other than an earlier output ({', '.join(others[:3])}"
-                        f"{' ...' if len(others) > 3 else ''}); choose a new or empty folder (nothing there is changed)")
+                        f"{' ...' if len(others) > 3 else ''}); choose a new or empty folder (nothing there is "
+                        f"changed)")
     staging, old = (folder.with_name(f'.{folder.name}.{kind}-{os.getpid()}') for kind in ('partial', 'old'))
     try:
         try:
             staging.mkdir(parents=True)
         except OSError as err:
-            raise UserError(f"cannot write in '{folder.parent}' ({write_failure(err)}); choose another {flag}") from None
+            raise UserError(f"cannot write in '{folder.parent}' ({write_failure(err)}); choose another "
+                            f"{flag}") from None
         yield staging
         if folder.is_dir():
             os.replace(folder, old)

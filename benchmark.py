@@ -16,13 +16,15 @@ import torch
 
 from datasets.images import try_load_rgb
 from models.registry import available_methods
-from utils.benchmark import (BenchConfig, ModelSource, input_images, markdown_table, parse_sweep, run_rows,
-                             stack_token_maps, write_outputs)
-from utils.cli_args import HelpFormatter, compile_flag, device_flag, model_flags, weights_flag
-from utils.config import parse_key_values
+from utils.atomic_write import replaced_folder
+from utils.benchmark import (OUTPUT_FILES, BenchConfig, ModelSource, input_images, markdown_table, parse_sweep,
+                             run_rows, stack_token_maps, write_outputs)
+from utils.cli_args import HelpFormatter, at_least, compile_flag, device_flag, model_flags, weights_flag
+from utils.config import given_flags, parse_key_values
 from utils.distributed import pick_device
 from utils.errors import UserError, run_cli
 from utils.profiling import machine_description
+from utils.stop_signals import stop_on_signals
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -31,17 +33,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 parents=[model_flags('deit_small_patch16_224'),
                                          weights_flag(required=False, note=': rows use its weights (and model)'),
                                          device_flag(), compile_flag()])
-    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('--img-size', type=at_least(1), default=224)
     p.add_argument('--methods', nargs='*', default=None,
                    help='methods with their default settings (default: every available one)')
     p.add_argument('--sweep', nargs='*', default=[], metavar='METHOD.KEY=V1,V2',
                    help='one row per value, e.g. tome.r=4,8,13,16 gtp.num_prop=4,8,12')
-    p.add_argument('--batch-size', '-b', type=int, default=64)
+    p.add_argument('--batch-size', '-b', type=at_least(1), default=64)
     p.add_argument('--amp', action=argparse.BooleanOptionalAction, default=True, help='bf16/fp16 on CUDA')
-    p.add_argument('--runs', type=int, default=10, help='timed runs per row (the median is reported)')
-    p.add_argument('--warmup', type=int, default=3)
-    p.add_argument('--mac-images', type=int, default=2, help='images whose MACs are averaged per row')
-    p.add_argument('--threads', type=int, help='CPU threads (default: torch default)')
+    p.add_argument('--runs', type=at_least(1), default=10, help='timed runs per row (the median is reported)')
+    p.add_argument('--warmup', type=at_least(0), default=3)
+    p.add_argument('--mac-images', type=at_least(1), default=2, help='images whose MACs are averaged per row')
+    p.add_argument('--threads', type=at_least(1), help='CPU threads (default: torch default)')
     p.add_argument('--train', action='store_true', help='measure training (forward + backward) instead')
     p.add_argument('--runtime', nargs='+', choices=('torch', 'onnxruntime'), default=['torch'],
                    help='onnxruntime: also time each row exported to ONNX (CPU; needs requirements-export.txt)')
@@ -53,10 +55,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    return run_cli(lambda: run(args))
+    return run_cli(lambda: run(args, given_flags(get_args_parser, argv)))
 
 
-def run(args) -> None:
+def run(args, given=()) -> None:
+    ignored = [f"--{name.replace('_', '-')}" for name in ('model', 'model_kwargs', 'img_size') if name in given]
+    if args.weights and ignored:
+        raise UserError(f"{', '.join(ignored)}: the --weights checkpoint gives the model and its input size; leave "
+                        f"them out (or benchmark the timm model alone, without --weights)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.compile and args.warmup < 1:
@@ -99,10 +105,14 @@ def run(args) -> None:
     out_dir = Path(args.output_dir or Path('runs') / f"benchmark-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.token_maps and (not Path(args.token_maps).is_file() or try_load_rgb(args.token_maps) is None):
         raise UserError(f"--token-maps: '{args.token_maps}' is not an image file that can be read")
-    table = run_rows(settings, ModelSource(cfg, checkpoint), cfg, images, evaluate, args.token_maps, out_dir)
-    write_outputs(table, header, out_dir, 'top1' if evaluate else None)
+    with stop_on_signals(), replaced_folder(out_dir, OUTPUT_FILES, '--output-dir') as staging:  # whole or as it was
+        table = run_rows(settings, ModelSource(cfg, checkpoint, args.weights), cfg, images, evaluate, args.token_maps,
+                         staging)
+        write_outputs(table, header, staging, 'top1' if evaluate else None)
+        if args.token_maps:
+            stack_token_maps(staging)
     if args.token_maps:
-        print(f'token maps: {stack_token_maps(out_dir)}')
+        print(f"token maps: {out_dir / 'token_maps.png'}")
     print(markdown_table(table.drop(columns=['unprofiled_ops'])))
     print(f'written: {out_dir}/benchmark.csv, benchmark.md, pareto.png')
 

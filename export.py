@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from models.registry import method_override
-from utils.cli_args import HelpFormatter, method_flags, weights_flag
+from utils.cli_args import HelpFormatter, at_least, method_flags, weights_flag
 from utils.config import given_flags
 from utils.errors import UserError, run_cli
 from utils.export import FORMATS, OPSET
@@ -30,9 +30,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--push-to-hub', metavar='ORG/NAME', help='with --format hub: upload the folder to this hub '
                                                             'repository (needs a network and `hf auth login`)')
     shape = p.add_mutually_exclusive_group()  # graph settings: onnx and torchscript
-    shape.add_argument('--batch-size', '-b', type=int, default=1, help='the fixed batch size of the graph')
+    shape.add_argument('--batch-size', '-b', type=at_least(1), default=1, help='the fixed batch size of the graph')
     shape.add_argument('--dynamic-batch', action='store_true', help='any batch size')
-    p.add_argument('--img-size', type=int, help="input size (default: the checkpoint's)")
+    p.add_argument('--img-size', type=at_least(1), help="input size (default: the checkpoint's)")
     p.add_argument('--check-images', nargs='*', default=[], help='image files or folders to check the file on '
                                                                  '(default: 8 random normalised inputs)')
     return p
@@ -44,12 +44,14 @@ def main(argv=None) -> int:
     def run():
         from datasets.folder import image_files
         from utils.export import export_checkpoint
+        from utils.stop_signals import stop_on_signals
         method, cfg = method_override(args, given_flags(get_args_parser, argv))
         files = image_files(args.check_images, '--check-images') if args.check_images else []
-        if args.format == 'hub' or args.push_to_hub:
-            return export_to_hub(args, method, cfg, files)
-        info = export_checkpoint(args.weights, args.format, args.output, method, cfg, args.batch_size,
-                                 args.dynamic_batch, args.img_size, files)
+        with stop_on_signals():  # SIGTERM too leaves an existing --output as it was
+            if args.format == 'hub' or args.push_to_hub:
+                return export_to_hub(args, method, cfg, files)
+            info = export_checkpoint(args.weights, args.format, args.output, method, cfg, args.batch_size,
+                                     args.dynamic_batch, args.img_size, files)
         check = info['check']
         print(f"{info['file']}: {info['model']} + {info['method']} {info['method_cfg'] or '(dense)'}, input "
               f"{info['batch_size']} x {'x'.join(map(str, info['input_size']))}; checked on {check['images']} "

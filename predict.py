@@ -12,11 +12,12 @@ ImageNet class names when its head has ImageNet's classes).
 import argparse
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 
 from models.registry import method_override
-from utils.cli_args import HelpFormatter, compile_flag, device_flag, method_flags, model_flags, weights_flag
+from utils.cli_args import HelpFormatter, at_least, compile_flag, device_flag, method_flags, model_flags, weights_flag
 from utils.config import given_flags
 from utils.errors import UserError, run_cli
 
@@ -43,10 +44,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--url-timeout', type=float, default=30.0, help='seconds to wait for an image URL')
     p.add_argument('--amp', action=argparse.BooleanOptionalAction, default=True,
                    help='mixed precision on CUDA (bf16 where supported, else fp16); full precision on the CPU')
-    p.add_argument('--batch-size', '-b', type=int, default=64)
-    p.add_argument('--workers', '-j', type=int, default=2)
+    p.add_argument('--batch-size', '-b', type=at_least(1), default=64)
+    p.add_argument('--workers', '-j', type=at_least(0), default=2)
     p.add_argument('--token-maps', action='store_true', help='draw what the method did to the tokens')
-    p.add_argument('--n-visualization', type=int, default=16, help='images in the token maps')
+    p.add_argument('--n-visualization', type=at_least(1), default=16, help='images in the token maps')
     return p
 
 
@@ -88,24 +89,23 @@ def default_output(weights, name: str) -> Path:
 
 
 def run_labelled(args, method, cfg, device, amp_dtype) -> None:
-    from datasets.folder import labelled_root, scan_classes
-    from utils.predictor import write_report
+    from utils.predictor import scan_labelled, write_report
     from utils.report import per_class_shown, read_report_csv
-    root = labelled_root(args.data_root)
-    if root != Path(args.data_root):
-        print(f"scoring '{root}', the validation split of '{args.data_root}'")
-    scan = scan_classes(root)
-    if not scan.samples:
-        raise UserError(f"no readable images in class folders under '{root}'; expected {root}/<class>/<image>")
+    if Path(args.data_root).is_file():
+        raise UserError(f"--data-root '{args.data_root}' is a file; it takes a folder of class folders. To classify "
+                        f"files, use --images {args.data_root}")
+    scan = scan_labelled(args.data_root)
     out = Path(args.output_dir) if args.output_dir else default_output(args.weights, Path(args.data_root).name)
-    summary = write_report(args.weights, scan.samples, scan.classes, out, device, args.batch_size, args.workers,
-                           method, cfg, scan.skipped, topk=args.topk, amp_dtype=amp_dtype,
-                           compile_model=args.compile, save_probs=args.save_probs)
-    if args.token_maps:
-        from utils.report import add_plot
-        picked = scan.samples[::max(1, len(scan.samples) // args.n_visualization)][:args.n_visualization]
-        draw_token_maps(*load_model(args, method, cfg, device), [p for p, _ in picked], out, args.n_visualization)
-        add_plot(out, 'Token maps', 'token_maps.png')
+    with output_folder(out) as staging:
+        summary = write_report(args.weights, scan.samples, scan.classes, staging, device, args.batch_size,
+                               args.workers, method, cfg, scan.skipped, topk=args.topk, amp_dtype=amp_dtype,
+                               compile_model=args.compile, save_probs=args.save_probs)
+        if args.token_maps:
+            from utils.report import add_plot
+            picked = scan.samples[::max(1, len(scan.samples) // args.n_visualization)][:args.n_visualization]
+            draw_token_maps(*load_model(args, method, cfg, device), [p for p, _ in picked], staging,
+                            args.n_visualization, out)
+            add_plot(staging, 'Token maps', 'token_maps.png')
     table, note = per_class_shown(read_report_csv(out / 'per_class_report.csv'), len(summary['classes_in_data']))
     print(table.to_string(float_format=lambda v: f'{v:.4f}', na_rep='-') + (f'\n{note}' if note else ''))
     print(f"accuracy {summary['accuracy'] * 100:.2f}% on {summary['images']} images "
@@ -118,7 +118,8 @@ def run_images(args, method, cfg, device, amp_dtype) -> None:
     from datasets.images import check_image
     from utils.image_sources import gather_images
     from utils.predictor import predict, top_classes, write_image_predictions
-    with tempfile.TemporaryDirectory(prefix='predict-urls-') as fetched:  # URLs' images, gone after the run
+    out = Path(args.output_dir) if args.output_dir else default_output(args.weights, 'images')
+    with tempfile.TemporaryDirectory(prefix='predict-urls-') as fetched, output_folder(out) as staging:
         sources = gather_images(args.images, Path(fetched), args.url_timeout)
         unreadable = {f: why for f in sources.files if (why := check_image(Path(f)))}
         skipped = sources.failed + [(sources.name(f), why) for f, why in unreadable.items()]
@@ -135,17 +136,28 @@ def run_images(args, method, cfg, device, amp_dtype) -> None:
         names, shown = meta['class_names'], [sources.name(p) for p in result.paths]
         for name, top in zip(shown, top_classes(result.probs, names, args.topk)):
             print(f"{name}: " + ', '.join(f'{n} {p:.3f}' for n, p in top))
-        out = Path(args.output_dir) if args.output_dir else default_output(args.weights, 'images')
-        written = write_image_predictions(result.probs, shown, names, out, args.format, args.topk,
-                                           args.save_probs)
+        written = out / write_image_predictions(result.probs, shown, names, staging, args.format, args.topk,
+                                                args.save_probs).name
         if args.token_maps:
-            draw_token_maps(model, meta, result.paths[:args.n_visualization], out, args.n_visualization)
+            draw_token_maps(model, meta, result.paths[:args.n_visualization], staging, args.n_visualization, out)
     print(f"{len(result.paths)} images classified, {len(skipped) + len(result.failed)} skipped; {written}")
 
 
-def draw_token_maps(model, meta, files, out: Path, n: int) -> None:
+@contextmanager
+def output_folder(out: Path):
+    """The --output-dir, written whole at the end (an earlier output there is replaced, other files refused)."""
+    from utils.atomic_write import replaced_folder
+    from utils.report import REPORT_FILES
+    with replaced_folder(out, REPORT_FILES, '--output-dir') as staging:  # which has listed out
+        earlier = out.is_dir() and any(out.iterdir())
+        yield staging
+    if earlier:
+        print(f"(this output replaced the earlier one in '{out}')", file=sys.stderr)
+
+
+def draw_token_maps(model, meta, files, staging: Path, n: int, out: Path) -> None:
     from utils.token_maps import write_token_maps
-    print(f"token maps: {write_token_maps(model, files, meta['data_config'], out, n)}")
+    print(f"token maps: {out / write_token_maps(model, files, meta['data_config'], staging, n).name}")
 
 
 def main(argv=None) -> int:
@@ -154,11 +166,13 @@ def main(argv=None) -> int:
     def run():
         from utils.distributed import pick_device
         from utils.engine import amp_settings
+        from utils.stop_signals import stop_on_signals
         check_source(args)
         method, cfg = method_override(args, given_flags(get_args_parser, argv))
         device = pick_device(args.device)
         amp_dtype = amp_settings(args.amp, device)[0]  # None on the CPU
-        (run_labelled if args.data_root else run_images)(args, method, cfg, device, amp_dtype)
+        with stop_on_signals():  # SIGTERM too leaves --output-dir as it was (utils.atomic_write.replaced_folder)
+            (run_labelled if args.data_root else run_images)(args, method, cfg, device, amp_dtype)
     return run_cli(run)
 
 

@@ -6,7 +6,9 @@
                                                 (in that order of preference)
   train_dir / val_dir                           any other pair of folders
 
-Below a class folder, files at any depth count, symlinked folders included (each real folder once).
+Below a class folder, files at any depth count, symlinked folders included (each real folder once; a link to a
+folder above it is a loop, skipped and named, as is a broken symlink); hidden files and folders and __MACOSX
+are left out.
 Folders the toolkit writes (run folders, ``predict-*`` reports) are never scanned as data. A scan is a listing:
 files without an image extension and folders this user may not read are skipped with a warning naming each and
 the cause, and each class's files are header-checked only until a first readable one (so a class, or a
@@ -52,6 +54,11 @@ class FolderScan:
     skipped: List[Tuple[str, str]] = field(default_factory=list)
 
 
+def hidden(name: str) -> bool:
+    """Hidden files and folders (.DS_Store, .ipynb_checkpoints), and the __MACOSX folder of a zip made on a Mac."""
+    return name.startswith('.') or name == '__MACOSX'
+
+
 def is_toolkit_output(folder, names=None) -> bool:
     """Whether ``folder`` was written by train_gpu.py, predict.py or benchmark.py (never data to scan);
     ``names``: what it holds, when already listed."""
@@ -63,7 +70,7 @@ def holds_only_toolkit_outputs(folder) -> bool:
     """Whether ``folder`` is a toolkit output or a folder of them only (e.g. ``runs/``); False when it cannot
     be listed (``list_images`` reports it)."""
     try:
-        names = [name for name in os.listdir(folder) if not name.startswith('.')]
+        names = [name for name in os.listdir(folder) if not hidden(name)]
     except OSError:
         return False
     paths = (os.path.join(folder, name) for name in names)
@@ -84,7 +91,7 @@ def sub_folders(root: Path) -> List[str]:
     names = []
     try:
         with os.scandir(existing_folder(root)) as listing:
-            entries = sorted((e.name, e.path) for e in listing if not e.name.startswith('.') and e.is_dir())
+            entries = sorted((e.name, e.path) for e in listing if not hidden(e.name) and e.is_dir())
     except OSError as err:
         raise UserError(f"cannot list '{root}': {cannot_read(err, 'folder')}; make it readable by this user") from None
     for name, path in entries:
@@ -101,8 +108,9 @@ def list_images(folder, skipped: Optional[List[Tuple[str, str]]] = None) -> List
     included) this user may not list, or whose files it may not reach, is added to ``skipped`` with the cause
     (each unreachable file), or without ``skipped``, named in a warning. A listing: no file is opened or stat'ed
     (but a symlink, and one file per folder to see that its files can be reached)."""
-    seen, found, unreadable = set(), [], []
+    seen, found, unreadable, links = set(), [], [], []
     pending = [os.fspath(folder)]
+    real_folder = os.path.realpath(folder)
     while pending:
         top = pending.pop()
         try:
@@ -111,17 +119,21 @@ def list_images(folder, skipped: Optional[List[Tuple[str, str]]] = None) -> List
                 continue
             seen.add((st.st_dev, st.st_ino))
             with os.scandir(top) as listing:
-                entries = [e for e in listing if not e.name.startswith('.')]
+                entries = [e for e in listing if not hidden(e.name)]
         except OSError as err:
             unreadable.append((top, err))
             continue
         files = []
         for entry in entries:
             if entry.is_dir():
-                if not is_toolkit_output(entry.path):
+                if entry.is_symlink() and encloses(os.path.realpath(entry.path), real_folder):
+                    links.append((entry.path, 'a symlink to a folder above it (a loop); not followed'))
+                elif not is_toolkit_output(entry.path):
                     pending.append(entry.path)
-            elif entry.is_file():  # False for a broken symlink
+            elif entry.is_file():
                 files.append(entry.path)
+            elif entry.is_symlink():  # neither file nor folder: its target is gone
+                links.append((entry.path, 'a broken symlink (its target does not exist)'))
         if files:
             try:
                 os.stat(files[0])
@@ -131,7 +143,7 @@ def list_images(folder, skipped: Optional[List[Tuple[str, str]]] = None) -> List
             except OSError:
                 pass
         found += files
-    problems = [(path, cannot_read(err, 'folder')) for path, err in unreadable]
+    problems = links + [(path, cannot_read(err, 'folder')) for path, err in unreadable]
     if skipped is None:
         for path, problem in problems:
             log.warning('skipping %s: %s', path, problem)
@@ -140,6 +152,11 @@ def list_images(folder, skipped: Optional[List[Tuple[str, str]]] = None) -> List
     if len(seen) == 1:  # one folder: names sort as paths do
         return sorted(found)
     return sorted(found, key=lambda path: path.split(os.sep))
+
+
+def encloses(outer: str, inner: str) -> bool:
+    """Whether the real path ``outer`` is ``inner`` or a folder above it."""
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
 
 
 def scan_classes(root, classes: Optional[Sequence[str]] = None) -> FolderScan:

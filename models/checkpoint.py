@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from utils.atomic_write import replaced_atomically
+from utils.atomic_write import replaced_atomically, write_failure
 from utils.errors import UserError
 
 TOOLKIT_FORMAT = 'vit-token-reduction/1'
@@ -30,6 +30,10 @@ LEGACY_MAGIC = b'\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19'  # its older format: p
 
 def read_checkpoint(path: str) -> dict:
     """Load a checkpoint file safely (tensors and plain values only) or fail with a clear message."""
+    if os.path.isdir(path):
+        inside = sorted(p.name for p in Path(path).glob('*') if p.suffix in ('.pth', '.safetensors'))
+        raise UserError(f"'{path}' is a folder; give a weights file in it"
+                        + (f": {', '.join(inside[:4])}" if inside else ' (it holds no .pth or .safetensors file)'))
     if not os.path.isfile(path):
         raise UserError(f"weights file '{path}' does not exist; give the path of a .pth or .safetensors file")
     try:
@@ -110,16 +114,6 @@ def save_atomic(obj: dict, path) -> None:
                         f"free disk space or choose another --output-dir") from None
 
 
-def write_failure(err: BaseException) -> str:
-    """The cause of a failed write in a few words: the OS's reason where an ``OSError`` is in the chain."""
-    cause = err
-    while cause is not None:
-        if isinstance(cause, OSError) and cause.strerror:
-            return cause.strerror
-        cause = cause.__cause__ or cause.__context__
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
-
-
 def make_checkpoint(meta: dict, model_state: dict, **training_state) -> dict:
     """The checkpoint dict: format tag, metadata (``META_KEYS``), weights and any training state."""
     missing = [k for k in META_KEYS if k not in meta]
@@ -143,7 +137,8 @@ def load_toolkit_checkpoint(path) -> dict:
         keys = ', '.join(list(ckpt)[:5])
         raise UserError(f"'{path}' is not a checkpoint of this toolkit (it has keys {keys} ...): it lacks the "
                         f"model name, classes and image size. Use a best.pth/last.pth written by train_gpu.py, "
-                        f"or pass this file to train_gpu.py --pretrained to fine-tune from it")
+                        f"pass this file to train_gpu.py --pretrained to fine-tune from it, or classify images with "
+                        f"it as predict.py --model NAME --pretrained {path} --images ...")
     if not finite_state(ckpt['model']):
         raise UserError(f"'{path}' holds NaN or infinite weights (saved from a run that diverged); use a checkpoint "
                         f"of an earlier epoch, or train again with a lower --lr")

@@ -64,12 +64,16 @@ def _describe_mismatch(model: nn.Module, state: dict, allowed_missing=()) -> str
     return '; '.join(parts)
 
 
-def load_backbone_state(model: nn.Module, state: dict, source: str, allowed_missing=()) -> None:
+OWN_MODEL_HINT = ("the checkpoint's weights are not those of the model it names (model_name, model_kwargs): it was "
+                  "edited or mixed up; use a best.pth / last.pth as train_gpu.py wrote it")
+
+
+def load_backbone_state(model: nn.Module, state: dict, source: str, allowed_missing=(),
+                        hint: str = 'check --model / --model-kwargs against the file') -> None:
     """Load ``state`` into ``model`` strictly but for ``allowed_missing`` prefixes; explain misfits."""
     problem = _describe_mismatch(model, state, allowed_missing)
     if problem:
-        raise UserError(f"weights in '{source}' do not fit this model: {problem}; "
-                        f"check --model / --model-kwargs against the file")
+        raise UserError(f"weights in '{source}' do not fit this model: {problem}; {hint}")
     model.load_state_dict(state, strict=False)
 
 
@@ -85,14 +89,21 @@ def _from_toolkit_checkpoint(model: nn.Module, ckpt: dict, source: str) -> None:
     load_backbone_state(model, state, source)
 
 
-def check_is_vit(name: str) -> None:
-    """Refuse a name timm does not know, or a model that is not a ViT (no ``blocks`` of ``patch_embed`` tokens),
-    before anything is built: built on the meta device, with its defaults, it costs neither memory nor time."""
+def check_is_vit(name: str, model_kwargs: Optional[dict] = None) -> None:
+    """Refuse a name timm does not know, a model that is not a ViT (no ``blocks`` of ``patch_embed`` tokens) or
+    ``model_kwargs`` it does not take, before anything is built: built on the meta device, it costs neither
+    memory nor time."""
     if not timm.is_model(name):
         raise UserError(f"timm has no model '{name}'; use a timm ViT/DeiT name such as deit_small_patch16_224 "
                         f"(timm.list_models('*vit*') lists them)")
-    with torch.device('meta'):
-        probe = timm.create_model(name)
+    try:
+        with torch.device('meta'):
+            probe = timm.create_model(name, **(model_kwargs or {}))
+    except (TypeError, ValueError, AssertionError) as err:  # an unknown keyword, a value of the wrong type
+        given = ' '.join(f'{k}={v}' for k, v in (model_kwargs or {}).items() if k != 'num_classes')
+        cause = str(err).strip()[:150] or type(err).__name__
+        raise UserError(f"{name} cannot be built with {given} ({cause}); check --model-kwargs: they are "
+                        f"timm.create_model arguments of the model, e.g. depth=6 embed_dim=192") from None
     if not hasattr(probe, 'blocks') or not hasattr(probe, 'patch_embed'):
         raise UserError(f"'{name}' is not a Vision Transformer; use a timm ViT/DeiT name such as "
                         f"deit_small_patch16_224")
@@ -108,10 +119,10 @@ def build_model(name: str, method: str = 'none', method_cfg: Optional[dict] = No
         'hf-hub:ORG/NAME' (see ``models.pretrained``).
     model_kwargs: passed to ``timm.create_model`` (e.g. depth=4, embed_dim=64 for a tiny test model).
     """
-    check_is_vit(name)
     kwargs = dict(num_classes=num_classes, **model_kwargs)
     if img_size:
         kwargs['img_size'] = img_size
+    check_is_vit(name, kwargs)
     weights = resolve_pretrained(name, pretrained)  # None, a file's path, or hub weights
     hub = isinstance(weights, HubWeights)
     label = weights.label if hub else weights
@@ -184,12 +195,12 @@ def model_from_checkpoint(ckpt: dict, source: str = 'checkpoint', method: Option
                         img_size=ckpt['data_config']['input_size'][-1], **ckpt['model_kwargs'])
     own = model.state_dict()
     state = ckpt['model']
-    load_backbone_state(model, {k: v for k, v in state.items() if k in own}, source)
+    load_backbone_state(model, {k: v for k, v in state.items() if k in own}, source, hint=OWN_MODEL_HINT)
     same = method is None or method == ckpt['method']
     cfg = {**ckpt['method_cfg'], **(method_cfg or {})} if same else dict(method_cfg or {})
     model = apply_method(model, ckpt['method'] if same else method, cfg)
     if same:
-        load_backbone_state(model, state, source)
+        load_backbone_state(model, state, source, hint=OWN_MODEL_HINT)
     return model
 
 

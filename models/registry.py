@@ -73,7 +73,18 @@ def apply_method(model: nn.Module, name: str, cfg: Optional[dict] = None) -> nn.
     unknown = sorted(set(cfg) - set(accepted))
     if unknown:
         raise MethodConfigError(f"unknown {name} setting(s) {', '.join(unknown)}; {name} takes {', '.join(accepted)}")
+    check_setting_types(name, cfg)
     return module.apply(model, **cfg)
+
+
+def check_setting_types(name: str, cfg: dict) -> None:
+    """Refuse a word (a value that is no number, list or bool: ``--sweep tome.r=x``) for a setting of method
+    ``name`` that is not a word."""
+    parameters = inspect.signature(method_module(name).apply).parameters
+    for key, value in cfg.items():
+        if key in parameters and isinstance(value, str) and parameters[key].annotation is not str:
+            raise MethodConfigError(f"{name} {key}={value!r} is not a value of {key} (default "
+                                    f"{parameters[key].default!r}); give a number, or a list such as [8, 4]")
 
 
 def convert_pretrained(name: str, checkpoint: dict):

@@ -115,6 +115,10 @@ def _checkpoint(tmp_path, kind):
         path.write_bytes(np.random.default_rng(0).bytes(4096))
     elif kind == 'empty':
         path.write_bytes(b'')
+    elif kind == 'folder':  # a run folder given for its checkpoint
+        path = tmp_path / 'run'
+        path.mkdir()
+        torch.save(state, path / 'best.pth')
     elif kind == 'text':
         path.write_text('<html><body>404 Not Found</body></html>\n')
     elif kind in ('custom_class', 'namespace'):
@@ -128,6 +132,7 @@ def _checkpoint(tmp_path, kind):
 
 KINDS = {'truncated': 'is truncated or damaged (', 'random': 'is not a checkpoint: its 4096 bytes',
          'empty': 'is empty (0 bytes)', 'text': 'is a text file, not a checkpoint',
+         'folder': 'is a folder; give a weights file in it: best.pth',
          'custom_class': 'holds Python objects besides tensors', 'namespace': 'holds Python objects besides tensors',
          'safetensors_truncated': 'is truncated or damaged ('}
 

@@ -60,9 +60,22 @@ def test_accuracy_columns_match_predict(tmp_path):
         assert row['macro_f1'] == pytest.approx(100 * summary['macro_f1'])
 
 
-def test_bad_sweep_is_clear(capsys):
-    assert benchmark.main([*TINY_BENCH, '--sweep', 'tome.r']) == 2
-    assert 'METHOD.KEY=V1,V2' in capsys.readouterr().err
+@pytest.mark.parametrize('sweep, message', [('tome.r', 'METHOD.KEY=V1,V2'),
+                                            ('tome.r=x', "error: tome r='x' is not a value of r (default 13)"),
+                                            ('gtp.num_prop=4,x', "error: gtp num_prop='x' is not a value of num_prop")])
+def test_bad_sweep_is_clear(sweep, message, tmp_path, capsys):
+    assert benchmark.main([*TINY_BENCH, '--sweep', sweep, '--output-dir', str(tmp_path / 'b')]) == 2
+    err = capsys.readouterr().err
+    assert message in err and 'Traceback' not in err and not (tmp_path / 'b').exists()
+
+
+@pytest.mark.parametrize('flag', [['--runs', '0'], ['--warmup', '-1'], ['--batch-size', '0'], ['--mac-images', '0'],
+                                  ['--threads', '0'], ['--img-size', '0']])
+def test_counts_below_their_least_are_refused_by_the_parser(flag, capsys):
+    with pytest.raises(SystemExit) as stop:
+        benchmark.main([*TINY_BENCH, *flag])
+    assert stop.value.code == 2
+    assert f'argument {flag[0]}' in capsys.readouterr().err
 
 
 def test_with_data_rows_are_measured_on_the_data_images(tmp_path):
@@ -96,3 +109,44 @@ def test_images_that_fail_to_decode_are_skipped_or_refused(tmp_path, caplog):
     assert 'cut.jpg' in caplog.text
     with pytest.raises(UserError, match='none of the 1 images'):
         input_images(cfg, [str(data / 'checker' / 'cut.jpg')], data_config)
+
+
+def test_output_dir_is_replaced_whole_and_other_files_are_refused_up_front(tmp_path, capsys):
+    out = tmp_path / 'bench'
+    (out / 'token_maps' / '01-tome').mkdir(parents=True)               # an earlier run's, with --token-maps
+    (out / 'token_maps.png').write_bytes(b'old')
+    assert benchmark.main([*TINY_BENCH, '--methods', 'none', '--output-dir', str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ['benchmark.csv', 'benchmark.md', 'pareto.png']
+    (out / 'notes.txt').write_text('mine')
+    assert benchmark.main([*TINY_BENCH, '--methods', 'none', '--output-dir', str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --output-dir '{out}' holds files other than an earlier output (notes.txt)" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['bench'] and (out / 'notes.txt').read_text() == 'mine'
+
+
+def test_model_flags_beside_weights_are_refused_not_ignored(tmp_path, capsys):
+    from test_predict_anywhere import tiny_checkpoint
+    weights = tiny_checkpoint(tmp_path / 'best.pth')
+    assert benchmark.main(['--weights', str(weights), '--img-size', '64', '--output-dir', str(tmp_path / 'b')]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: --img-size: the --weights checkpoint gives the model and its input size')
+    assert not (tmp_path / 'b').exists()
+
+
+def test_data_root_without_class_folders_is_the_message_predict_gives(tmp_path, capsys):
+    from test_predict_anywhere import tiny_checkpoint
+    weights, flat = tiny_checkpoint(tmp_path / 'best.pth'), make_image_folder(tmp_path / 'd', per_class=1) / 'checker'
+    assert benchmark.main(['--weights', str(weights), '--data-root', str(flat), '--runs', '1', '--warmup', '0']) == 2
+    assert capsys.readouterr().err.startswith(f"error: no readable images in class folders under '{flat}'")
+
+
+def test_a_checkpoint_whose_weights_are_not_its_model_is_named(tmp_path, capsys):
+    import torch
+    from test_predict_anywhere import tiny_checkpoint
+    weights = tiny_checkpoint(tmp_path / 'best.pth')
+    ckpt = torch.load(weights, weights_only=True)
+    torch.save({**ckpt, 'model_kwargs': {**ckpt['model_kwargs'], 'embed_dim': 32}}, weights)  # edited by hand
+    assert benchmark.main(['--weights', str(weights), '--runs', '1', '--warmup', '0', '--batch-size', '2',
+                           '--output-dir', str(tmp_path / 'b')]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: weights in '{weights}' do not fit this model") and 'edited or mixed up' in err

@@ -1,9 +1,11 @@
 """One error path for the three command-line tools (predict.py's: tests/test_predict.py)."""
 import pytest
+import timm
+import torch
 
 import benchmark
 import train_gpu
-from conftest import TINY_FLAGS, make_image_folder
+from conftest import TINY, TINY_FLAGS, make_image_folder
 from utils.errors import MethodConfigError, Stopped, UserError, run_cli
 
 
@@ -48,6 +50,24 @@ def test_a_model_that_is_not_a_vit_is_one_line_on_every_path(model, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith('error: ') and model in line for line in err), err
     assert not run.exists() and not (tmp_path / 'b').exists()
+
+
+@pytest.mark.parametrize('kwargs', [['bogus=1'], ['depth=x'], ['embed_dim=100']])
+def test_model_kwargs_timm_does_not_take_are_one_line_on_every_path(kwargs, tmp_path, capsys):
+    import predict
+    data = make_image_folder(tmp_path / 'd', per_class=3, size=16)
+    model = ['--model', 'vit_tiny_patch16_224', '--model-kwargs', *kwargs]
+    assert train_gpu.main([*model, '--data-root', str(data), '--output-dir', str(tmp_path / 'run')]) == 2
+    assert benchmark.main([*model, '--output-dir', str(tmp_path / 'b')]) == 2
+    torch.save(timm.create_model('vit_tiny_patch16_224', num_classes=3, **TINY).state_dict(), tmp_path / 'w.pth')
+    assert predict.main([*model, '--pretrained', str(tmp_path / 'w.pth'), '--images', str(data),
+                         '--output-dir', str(tmp_path / 'p')]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith('error: ')]
+    assert len(errors) == 3 and 'Traceback' not in err
+    assert all(line.startswith('error: vit_tiny_patch16_224 cannot be built with') and kwargs[0] in line
+               for line in errors)
+    assert not any((tmp_path / name).exists() for name in ('run', 'b', 'p'))
 
 
 def test_the_shared_flags_come_from_one_parent_parser():

@@ -117,3 +117,28 @@ def test_benchmark_rows_in_onnxruntime(tmp_path):
     assert list(table['method']) == ['none', 'dge']  # each method's ONNX export is tested above
     assert table.loc[0, 'ort_images_per_s'] > 0 and np.isnan(table.loc[1, 'ort_images_per_s'])
     assert table.loc[0, 'ort_speedup'] == 1.0
+
+
+def test_an_existing_file_is_replaced_only_by_a_checked_one(checkpoint, tmp_path, capsys, monkeypatch):
+    import export
+    import utils.export
+    weights, _ = checkpoint
+    out = tmp_path / 'model.pt'
+    flags = ['--weights', str(weights), '--format', 'torchscript', '--output', str(out)]
+    out.write_bytes(b'served model')
+    (tmp_path / 'model.pt.json').write_text('{"method": "none"}')
+    written = utils.export.export_model
+
+    def stopped(model, example, path, fmt, dynamic):
+        written(model, example, path, fmt, dynamic)
+        raise KeyboardInterrupt                                       # Ctrl-C (or SIGTERM) after the file is written
+    monkeypatch.setattr(utils.export, 'export_model', stopped)
+    assert export.main([*flags, '--method', 'tome', '--tome-r', '4']) == 130
+    monkeypatch.undo()
+    monkeypatch.setattr(utils.export, 'compare', lambda *a: utils.export.Agreement(8, 0.5, 0.5))
+    assert export.main([*flags, '--method', 'tome', '--tome-r', '4']) == 2  # a file that fails its check
+    assert 'does not reproduce the PyTorch model' in capsys.readouterr().err
+    assert out.read_bytes() == b'served model' and (tmp_path / 'model.pt.json').read_text() == '{"method": "none"}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['model.pt', 'model.pt.json']  # no temporary file left
+    assert export.main([*flags[:-1], str(tmp_path)]) == 2
+    assert f"error: --output '{tmp_path}' is a folder" in capsys.readouterr().err

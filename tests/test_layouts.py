@@ -105,6 +105,19 @@ def test_symlinked_class_folders_and_sub_folders_are_followed_once(tmp_path):
     assert split.classes == CLASSES and counts.tolist() == [10, 5, 5]
 
 
+def test_symlink_loops_and_broken_links_are_named_and_mac_zip_folders_are_no_class(tmp_path):
+    root = make_image_folder(tmp_path / 'd', classes=('checker', 'stripes_h'), per_class=5, size=16)
+    os.symlink(root, root / 'checker' / 'up')                           # would hold every class in checker
+    os.symlink('/', root / 'stripes_h' / 'everything')
+    os.symlink(tmp_path / 'gone.png', root / 'stripes_h' / 'moved.png')  # a link whose image was moved away
+    make_image_folder(root / '__MACOSX', classes=('checker',), per_class=2, size=16)  # a zip made on a Mac
+    split = make_split(root)
+    counts = np.bincount([t for _, t in split.train + split.val])
+    assert split.classes == ['checker', 'stripes_h'] and counts.tolist() == [5, 5]
+    assert sorted(Path(p).name for p, why in split.skipped if 'a loop' in why) == ['everything', 'up']
+    assert [Path(p).name for p, why in split.skipped if 'a broken symlink' in why] == ['moved.png']
+
+
 def test_gif_and_exif_rotated_jpeg_load_upright(tmp_path):
     root = make_image_folder(tmp_path / 'd', classes=('checker', 'stripes_h'), per_class=5, size=16)
     phone = Image.new('RGB', (20, 10), 'blue')

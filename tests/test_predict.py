@@ -125,6 +125,7 @@ def test_bad_weights(kind, run, tmp_path, capsys):
     assert err.startswith('error:') and 'Traceback' not in err
     assert {'missing': 'does not exist', 'truncated': 'is truncated or damaged',
             'plain_state_dict': 'not a checkpoint of this toolkit'}[kind] in err
+    assert (f'predict.py --model NAME --pretrained {path}' in err) == (kind == 'plain_state_dict')
 
 
 def test_empty_folder_and_missing_images(run, tmp_path, capsys):
@@ -184,6 +185,7 @@ def test_method_flags_count_when_given_at_their_default(run, tmp_path, capsys):
     assert '--gtp-num-prop: not for --method tome but gtp' in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings('error')  # no scikit-learn warning on the terminal either
 def test_two_class_model_on_data_of_one_class(tmp_path):
     from PIL import Image
     img = tmp_path / 'x.png'
@@ -196,6 +198,9 @@ def test_two_class_model_on_data_of_one_class(tmp_path):
         assert summary['macro_auc'] is None and summary['images'] == 6
         assert 'one class only' in (out / 'report.html').read_text()
         assert np.isnan(pd.read_csv(out / 'per_class_report.csv', index_col=0).loc[['cat', 'dog'][only], 'roc_auc'])
+    all_right = write_labelled_report(np.tile([0.9, 0.1], (6, 1)), np.zeros(6, int), [str(img)] * 6, ['cat', 'dog'],
+                                      tmp_path / 'all_right', context)  # one class, every image predicted as it
+    assert all_right['accuracy'] == 1
 
 
 def test_truncated_images_are_skipped_or_refused(run, tmp_path, capsys, caplog):

@@ -170,7 +170,9 @@ def test_topk_sets_the_top_k_accuracy_of_a_labelled_folder(tmp_path):
     ([*MODEL, '--pretrained', 'none', '--images', 'x.png'], '--model predicts with trained weights'),
     ([*MODEL, '--pretrained', 'features.pth', '--images', 'x.png'], "the weights in 'features.pth' have no classifier"),
     ([*MODEL, '--pretrained', 'best.pth', '--images', 'x.png'], "'best.pth' is a checkpoint of this toolkit; pass it "
-                                                                "as --weights best.pth")])
+                                                                "as --weights best.pth"),
+    (['--weights', 'best.pth', '--data-root', 'x.png'], "--data-root 'x.png' is a file; it takes a folder of class "
+                                                        "folders. To classify files, use --images x.png")])
 def test_bad_sources_are_one_line(flags, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     Image.new('RGB', (32, 32)).save('x.png')
@@ -180,3 +182,54 @@ def test_bad_sources_are_one_line(flags, message, tmp_path, monkeypatch, capsys)
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if line.startswith('error:')][0].startswith(f'error: {message}')
     assert err.count('error:') == 1 and 'Traceback' not in err
+
+
+def test_output_dir_is_replaced_whole_or_left_as_it_was(tmp_path, monkeypatch, capsys):
+    weights, images = tiny_checkpoint(tmp_path / 'best.pth'), make_image_folder(tmp_path / 'img', per_class=1)
+    out = tmp_path / 'out'
+    flags = ['--weights', str(weights), '--images', str(images), '--workers', '0', '--output-dir', str(out)]
+    out.mkdir()
+    (out / 'probabilities.npy').write_bytes(b'old')                   # an earlier run's --save-probs
+    assert predict.main(flags) == 0
+    assert sorted(p.name for p in out.iterdir()) == ['predictions.csv']  # not half old, half new
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith('.')) == []
+
+    import utils.predictor
+    written = utils.predictor.write_image_predictions
+
+    def interrupted(*args, **kwargs):
+        written(*args, **kwargs)
+        raise KeyboardInterrupt                                       # Ctrl-C (or SIGTERM) mid-output
+    monkeypatch.setattr(utils.predictor, 'write_image_predictions', interrupted)
+    before = (out / 'predictions.csv').read_bytes()
+    (out / 'predictions.csv').write_bytes(b'old')
+    assert predict.main(flags + ['--save-probs']) == 130
+    assert sorted(p.name for p in out.iterdir()) == ['predictions.csv']
+    assert (out / 'predictions.csv').read_bytes() == b'old'
+    assert not any(p.name.startswith('.') for p in tmp_path.iterdir()) and before != b'old'
+
+    monkeypatch.undo()
+    (tmp_path / 'link').symlink_to(out)                               # a link to the output folder stays one
+    assert predict.main(flags[:-1] + [str(tmp_path / 'link')]) == 0
+    assert (tmp_path / 'link').is_symlink() and (out / 'predictions.csv').read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith('.')) == []
+    (out / 'predictions.csv').write_bytes(b'old')
+    (out / 'notes.txt').write_text('mine')                            # a folder that is not only an output
+    for target, message in ((out, 'holds files other than an earlier output (notes.txt)'), (weights, 'is a file')):
+        assert predict.main(flags[:-1] + [str(target)]) == 2
+        assert f"error: --output-dir '{target}' {message}" in capsys.readouterr().err
+    assert (out / 'notes.txt').read_text() == 'mine' and (out / 'predictions.csv').read_bytes() == b'old'
+
+
+def test_an_output_dir_that_cannot_be_listed_is_one_line(tmp_path, monkeypatch):
+    import utils.atomic_write
+    from utils.atomic_write import replaced_folder
+    from utils.errors import UserError
+
+    def denied(path):
+        raise PermissionError(13, 'Permission denied', str(path))
+    (tmp_path / 'out').mkdir()
+    monkeypatch.setattr(utils.atomic_write.os, 'listdir', denied)     # as a folder of another user, for non-root
+    with pytest.raises(UserError, match=r"cannot read --output-dir '.*out' \(Permission denied\)"):
+        with replaced_folder(tmp_path / 'out', (), '--output-dir'):
+            pass

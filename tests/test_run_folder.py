@@ -72,6 +72,15 @@ def test_run_folder_inside_the_train_dir_is_refused(data, capsys):
     assert not (data / 'run').exists()
 
 
+def test_a_run_folder_that_cannot_be_made_is_one_line(data, tmp_path, capsys):
+    mine = tmp_path / 'notes.txt'
+    mine.write_text('mine')
+    expect_error(['--data-root', str(data), '--output-dir', str(mine), *TINY_FLAGS], capsys, 'is a file')
+    expect_error(['--data-root', str(data), '--output-dir', str(mine / 'run'), *TINY_FLAGS], capsys,
+                 'cannot make the run folder')  # below a file: as unwritable as a read-only place
+    assert mine.read_text() == 'mine'
+
+
 def test_default_run_folders_of_the_same_second_differ(tmp_path):
     default = tmp_path / 'runs' / 'vit-none-20250101-120000'
     first = run_files.claim_run_dir(None, None, [tmp_path / 'data'], default)

@@ -13,11 +13,13 @@ import pandas as pd
 import torch
 
 from models.factory import build_model
-from models.registry import available_methods, method_cfg, method_stats
+from models.registry import available_methods, check_setting_types, method_cfg, method_stats
 from utils.errors import UserError
 from utils.profiling import count_macs, peak_memory_mib, reset_peak_memory, time_forward
 
 Setting = Tuple[str, Dict[str, object]]  # (method, cfg changes)
+# every name benchmark.py writes into its --output-dir: a folder of only these is an earlier output it may replace
+OUTPUT_FILES = ('benchmark.csv', 'benchmark.md', 'pareto.png', 'token_maps.png', 'token_maps')
 
 
 def parse_sweep(items: List[str], methods: List[str]) -> List[Setting]:
@@ -41,6 +43,7 @@ def parse_sweep(items: List[str], methods: List[str]) -> List[Setting]:
                 parsed = ast.literal_eval(value)
             except (ValueError, SyntaxError):
                 parsed = value
+            check_setting_types(method, {name: parsed})
             settings.append((method, {name: parsed}))
     for method in methods or []:
         if method not in available_methods():
@@ -70,13 +73,13 @@ class BenchConfig:
 class ModelSource:
     """Builds each method's model once (random weights, or a checkpoint's) and applies run-time changes."""
 
-    def __init__(self, cfg: BenchConfig, checkpoint: Optional[dict] = None):
-        self.cfg, self.checkpoint, self.cache, self.initial = cfg, checkpoint, {}, {}
+    def __init__(self, cfg: BenchConfig, checkpoint: Optional[dict] = None, source: str = 'checkpoint'):
+        self.cfg, self.checkpoint, self.source, self.cache, self.initial = cfg, checkpoint, source, {}, {}
 
     def _build(self, method: str, changes: dict):
         if self.checkpoint is not None:
             from models.factory import model_from_checkpoint
-            return model_from_checkpoint(self.checkpoint, 'checkpoint', method, changes)
+            return model_from_checkpoint(self.checkpoint, self.source, method, changes)
         return build_model(self.cfg.model, method, changes, num_classes=self.cfg.num_classes,
                            img_size=self.cfg.img_size, **self.cfg.model_kwargs)
 

@@ -16,6 +16,7 @@ is reported.
 """
 import importlib
 import json
+import os
 import platform
 import warnings
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from models.registry import method_cfg, method_name
+from utils.atomic_write import replaced_atomically, write_failure
 from utils.errors import UserError
 from utils.profiling import images_per_second
 
@@ -145,7 +147,8 @@ def sidecar(meta: dict, model: nn.Module, fmt: str, input_size: Sequence[int], b
 
 def write_sidecar(path: Path, info: dict) -> Path:
     target = path.with_name(path.name + '.json')
-    target.write_text(json.dumps(info, indent=2, default=str))
+    with replaced_atomically(target, 'w') as f:
+        f.write(json.dumps(info, indent=2, default=str))
     return target
 
 
@@ -183,24 +186,35 @@ def export_checkpoint(weights: str, fmt: str, output: Optional[str] = None, meth
     path = Path(output) if output else Path(weights).with_suffix(SUFFIX[fmt])
     if path.resolve() == Path(weights).resolve():
         raise UserError(f"--output '{path}' is the checkpoint itself; choose another file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise UserError(f"--output '{path}' is a folder; give a file name, e.g. {path / ('model' + SUFFIX[fmt])}")
     images = input_batch(check_files, data_config, check_count)
     example = images[:2] if dynamic_batch else images[torch.arange(batch_size) % len(images)]
+    staged = path.with_name(f'.{path.name}.{os.getpid()}.tmp')  # replaces path once checked
     try:
-        export_model(model, example, path, fmt, dynamic_batch)
-    except UserError:
-        raise
-    except Exception as err:  # the exporter's own failure, named in one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ''
-        raise UserError(f"{fmt} export of {meta['model_name']} + {method_name(model)} failed: "
-                        f"{type(err).__name__}: {first[:300]}") from None
-    agreement = compare(model, load_runner(path, fmt), images, len(example) if not dynamic_batch else 5)
-    info = sidecar(meta, model, fmt, data_config['input_size'], None if dynamic_batch else batch_size)
-    info['check'] = dict(images=agreement.images, max_prob_diff=agreement.max_prob_diff,
-                         top1_agreement=agreement.top1_agreement)
-    info['sidecar'] = str(write_sidecar(path, info))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staged.touch()  # a place it may not write fails here, in our words
+        try:
+            export_model(model, example, staged, fmt, dynamic_batch)
+        except UserError:
+            raise
+        except Exception as err:  # the exporter's own failure, named in one line
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ''
+            raise UserError(f"{fmt} export of {meta['model_name']} + {method_name(model)} failed: "
+                            f"{type(err).__name__}: {first[:300]}; '{path}' is as it was") from None
+        agreement = compare(model, load_runner(staged, fmt), images, len(example) if not dynamic_batch else 5)
+        if agreement.max_prob_diff > TOLERANCE or agreement.top1_agreement < 1:
+            raise UserError(f"the {fmt} file does not reproduce the PyTorch model ({agreement}), so it was not "
+                            f"written; please report the model, method and settings")
+        info = sidecar(meta, model, fmt, data_config['input_size'], None if dynamic_batch else batch_size)
+        info['check'] = dict(images=agreement.images, max_prob_diff=agreement.max_prob_diff,
+                             top1_agreement=agreement.top1_agreement)
+        info['sidecar'] = str(write_sidecar(path, info))
+        os.replace(staged, path)
+    except OSError as err:  # a folder it may not write, a full disk
+        raise UserError(f"cannot write '{path}' ({write_failure(err)}); nothing there was changed; free disk space "
+                        f"or choose another --output") from None
+    finally:
+        staged.unlink(missing_ok=True)
     info['file'] = str(path)
-    if agreement.max_prob_diff > TOLERANCE or agreement.top1_agreement < 1:
-        raise UserError(f"'{path}' does not reproduce the PyTorch model ({agreement}); do not serve it, and please "
-                        f"report the model, method and settings")
     return info

@@ -11,8 +11,6 @@ the toolkit's reader) and compared with the checkpoint's model before it takes i
 nothing behind. ``--push-to-hub`` uploads that checked folder as it is (huggingface_hub's ``upload_folder``, what
 timm's ``push_to_hf_hub`` does after writing its own copy).
 """
-import os
-import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -21,9 +19,10 @@ import torch
 from timm.models import save_for_hf
 from timm.models._hub import save_config_for_hf
 
-from models.checkpoint import load_toolkit_checkpoint, make_checkpoint, save_atomic, write_failure
+from models.checkpoint import load_toolkit_checkpoint, make_checkpoint, save_atomic
 from models.factory import load_for_inference, model_from_checkpoint
 from models.registry import apply_method, method_cfg, method_name
+from utils.atomic_write import replaced_folder
 from utils.errors import UserError
 from utils.export import TOLERANCE, compare, input_batch
 from utils.hub_card import CardFacts, model_card
@@ -114,10 +113,8 @@ def export_hub(weights: str, output: Optional[str] = None, method: Optional[str]
     dense = model_from_checkpoint(ckpt, weights, 'none').eval()
     plain = set(model.state_dict()) == set(dense.state_dict())
     images = input_batch(check_files, ckpt['data_config'], check_count)
-    staging = folder.with_name(f'.{folder.name}.partial-{os.getpid()}')
     method, cfg = method_name(model), method_cfg(model)
-    try:
-        staging.mkdir(parents=True)
+    with replaced_folder(folder, (), '--output') as staging:  # whole, or nothing left there
         write_folder(staging, ckpt, model, dense, plain)
         loaded = reload(staging, plain, method, cfg)
         with torch.no_grad():
@@ -130,14 +127,6 @@ def export_hub(weights: str, output: Optional[str] = None, method: Optional[str]
         facts = CardFacts(push_to, push_to.split('/')[-1] if push_to else folder.name, ckpt, method, cfg, plain,
                           CHECKPOINT_FILE, *macs, len(images[:MAC_IMAGES]), params_m)
         (staging / 'README.md').write_text(model_card(facts), encoding='utf-8')
-        if folder.exists():
-            folder.rmdir()  # empty, checked above
-        os.replace(staging, folder)
-    except OSError as err:  # a full disk, a folder it may not write
-        raise UserError(f"cannot write the hub folder '{folder}' ({write_failure(err)}); nothing was left there; "
-                        f"free disk space or choose another --output") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     info = dict(folder=str(folder), files=sorted(p.name for p in folder.iterdir()), model=ckpt['model_name'],
                 method=method, method_cfg=cfg, plain=plain, check=agreement, mac_ratio=macs[0] / macs[1])
     if push_to:

@@ -173,10 +173,22 @@ def write_report(weights_path, samples, class_names, output_dir, device='cpu', b
                                  Path(output_dir), context, topk, save_probs)
 
 
+def scan_labelled(data_root):
+    """The ``FolderScan`` of a labelled folder (its validation split in a train/val layout, said on the terminal);
+    refused when it holds no image in class folders."""
+    from datasets.folder import labelled_root, scan_classes
+    root = labelled_root(data_root)
+    if root != Path(data_root):
+        print(f"scoring '{root}', the validation split of '{data_root}'")
+    scan = scan_classes(root)
+    if not scan.samples:
+        raise UserError(f"no readable images in class folders under '{root}'; expected {root}/<class>/<image>")
+    return scan
+
+
 def labelled_samples(checkpoint: dict, data_root) -> List[Tuple[str, int]]:
     """The readable (path, checkpoint class index) samples of a labelled folder (for benchmark.py)."""
-    from datasets.folder import labelled_root, scan_classes
-    scan = scan_classes(labelled_root(data_root))
+    scan = scan_labelled(data_root)
     return map_to_checkpoint_classes(scan.samples, scan.classes, checkpoint['class_names'])[0]
 
 

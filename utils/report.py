@@ -40,6 +40,11 @@ MISTAKES_SHOWN = 16
 MISTAKE_COLUMNS = 4
 FORMULA_START = ('=', '+', '-', '@', '\t', '\r', "'")  # "'" too, so that read_name undoes safe_name exactly
 CSV_OPTIONS = dict(errors='surrogateescape')  # non-UTF-8 file names are written as the bytes they are
+# every name predict.py writes into its --output-dir: a folder of only these is an earlier output it may replace
+REPORT_FILES = ('predictions.csv', 'predictions.json', 'probabilities.npy', 'classes.json', 'confusion_matrix.csv',
+                'confusion_matrix_normalized.csv', 'confusion_matrix.png', 'confusion_matrix_normalized.png',
+                'roc_curves.png', 'pr_curves.png', 'reliability.png', 'misclassified.png', 'per_class_report.csv',
+                'summary.json', 'report.html', 'token_maps.png', 'token_maps')
 
 
 def safe_name(name: str) -> str:
@@ -242,7 +247,9 @@ def write_labelled_report(probs: np.ndarray, targets: np.ndarray, paths: Sequenc
         write_probabilities(probs, names, out)
 
     labels = sorted(set(present) | set(predicted.tolist()))
-    cm = confusion_matrix(targets, predicted, labels=labels)
+    with warnings.catch_warnings():  # one label, all right and all predicted as it: scikit-learn's 1x1 is right
+        warnings.filterwarnings('ignore', 'A single label was found', UserWarning)
+        cm = confusion_matrix(targets, predicted, labels=labels)
     label_names = [names[i] for i in labels]
     safe = [safe_name(n) for n in label_names]
     pd.DataFrame(cm, index=safe, columns=safe).to_csv(out / 'confusion_matrix.csv', **CSV_OPTIONS)

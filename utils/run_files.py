@@ -11,7 +11,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import yaml
 
 from datasets.folder import Split
-from utils.atomic_write import replaced_atomically
+from utils.atomic_write import replaced_atomically, write_failure
 from utils.errors import UserError
 from utils.run_lock import RunLock
 
@@ -37,11 +37,17 @@ def claim_run_dir(output_dir: Optional[str], resume: Optional[str], data_folders
             raise UserError(f"the run folder '{chosen}' is inside the data folder '{data}', where it would become "
                             f"a class of the next run; pass an --output-dir outside the data")
     made = chosen == default or not chosen.exists()
-    if chosen == default:
-        chosen = new_folder(default)
-    else:
-        chosen.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(chosen).acquire()
+    if chosen.exists() and not chosen.is_dir():
+        raise UserError(f"--output-dir '{chosen}' is a file; pass a folder for the run")
+    try:
+        if chosen == default:
+            chosen = new_folder(default)
+        else:
+            chosen.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(chosen).acquire()
+    except OSError as err:  # a place this user may not write, a read-only file system
+        raise UserError(f"cannot make the run folder '{chosen}' ({write_failure(err)}); choose another "
+                        f"--output-dir") from None
     held = [name for name in RUN_FILES if (chosen / name).exists()]
     resumes_it = resume is not None and Path(resume).resolve().parent == chosen.resolve()
     if held and not resumes_it:

@@ -90,7 +90,7 @@ def _train(args, info: DistInfo) -> Path:
     trackers = Trackers.from_args(args, info.is_main)  # a tracker's missing package stops the run here
     resume_ckpt = load_resume_checkpoint(args.resume) if args.resume else None
     lr, warmup = resolve_lr(args, info.world_size), warmup_epochs(args)  # a bad flag is refused before the run folder
-    check_is_vit(args.model)  # and a model that is not a ViT, before the demo data too
+    check_is_vit(args.model, args.model_kwargs)  # and a model that is not a ViT, before the demo data too
     compile_backend(args.compile)  # and an unknown --compile backend
     teacher = load_teacher(args, info.device)  # and a --teacher that does not load
     run_dir = prepare_run_dir(args, info)

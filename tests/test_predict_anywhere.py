@@ -233,3 +233,17 @@ def test_an_output_dir_that_cannot_be_listed_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"cannot read --output-dir '.*out' \(Permission denied\)"):
         with replaced_folder(tmp_path / 'out', (), '--output-dir'):
             pass
+
+
+def test_an_existing_output_dir_stays_in_place(tmp_path):
+    """A folder that exists (a container's mount point, a folder in a place the user may not write) is not moved:
+    its earlier output and a killed run's staging folder are swapped for the new files inside it."""
+    from utils.atomic_write import replaced_folder
+    out = tmp_path / 'out'
+    (out / '.partial-999').mkdir(parents=True)                        # left by a killed run
+    (out / 'summary.json').write_text('old')
+    inode = out.stat().st_ino
+    with replaced_folder(out, ('summary.json', 'report.html'), '--output-dir') as staging:
+        assert staging.parent == out
+        (staging / 'report.html').write_text('new')
+    assert out.stat().st_ino == inode and sorted(p.name for p in out.iterdir()) == ['report.html']

@@ -50,43 +50,51 @@ def write_failure(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
 
 
+STAGING = '.partial-'  # the name (prefix) of a folder being written; one left by a killed run is replaced too
+
+
 @contextmanager
 def replaced_folder(folder, replaceable: Collection[str], flag: str):
-    """Yield a new hidden folder beside ``folder`` to write into; when the block ends it takes ``folder``'s place
-    whole. An existing ``folder`` is replaced only when it holds nothing but names in ``replaceable`` (an
-    earlier output of the same kind), else refused up front, as is a place that cannot be written (``flag``
-    names the option to change). On any failure or interruption ``folder`` is left as it was."""
-    folder = Path(folder).resolve() if Path(folder).is_symlink() else Path(folder)  # a link keeps pointing there
+    """Yield a new hidden folder to write into; when the block ends its files take the place of ``folder``'s.
+
+    A new ``folder``: the hidden one is written beside it and renamed to it, whole. An existing ``folder`` stays
+    where it is (a mount point, a link, a folder in a place this user may not write): the hidden one is written
+    inside it, then the earlier output's files are removed and the new ones renamed into it. It is used only
+    when it holds nothing but names in ``replaceable`` (an earlier output of the same kind), else refused up
+    front, as is a place that cannot be written (``flag`` names the option to change). On a failure or an
+    interruption before the block ends, ``folder`` is left as it was."""
+    folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{flag} '{folder}' is a file; pass a folder (new or empty)")
+    existed = folder.is_dir()
     try:
-        others = sorted(set(os.listdir(folder)) - set(replaceable)) if folder.is_dir() else []
+        earlier = os.listdir(folder) if existed else []
     except OSError as err:
         raise UserError(f"cannot read {flag} '{folder}' ({write_failure(err)}); choose another {flag}") from None
+    others = sorted(n for n in earlier if n not in replaceable and not n.startswith(STAGING))
     if others:
         raise UserError(f"{flag} '{folder}' holds files other than an earlier output ({', '.join(others[:3])}"
                         f"{' ...' if len(others) > 3 else ''}); choose a new or empty folder (nothing there is "
                         f"changed)")
-    staging, old = (folder.with_name(f'.{folder.name}.{kind}-{os.getpid()}') for kind in ('partial', 'old'))
+    staging = folder / f'{STAGING}{os.getpid()}' if existed else folder.with_name(f'.{folder.name}{STAGING}'
+                                                                                  f'{os.getpid()}')
     try:
         try:
             staging.mkdir(parents=True)
         except OSError as err:
-            raise UserError(f"cannot write in '{folder.parent}' ({write_failure(err)}); choose another "
+            raise UserError(f"cannot write in '{staging.parent}' ({write_failure(err)}); choose another "
                             f"{flag}") from None
         yield staging
-        if folder.is_dir():
-            os.replace(folder, old)
-        try:
+        if existed:
+            for path in (folder / name for name in earlier):
+                (shutil.rmtree if path.is_dir() and not path.is_symlink() else os.remove)(path)
+            for entry in staging.iterdir():
+                os.replace(entry, folder / entry.name)
+        else:
             os.replace(staging, folder)
-        except OSError:
-            if old.is_dir():
-                os.replace(old, folder)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
     except OSError as err:  # a full disk, a folder it may not write
-        raise UserError(f"cannot write '{folder}' ({write_failure(err)}); it is as it was before; free disk space "
-                        f"or choose another {flag}") from None
+        raise UserError(f"cannot write '{folder}' ({write_failure(err)}); free disk space or choose another "
+                        f"{flag}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    sync_folder(folder.parent)
+    sync_folder(folder)

@@ -44,7 +44,7 @@ CSV_OPTIONS = dict(errors='surrogateescape')  # non-UTF-8 file names are written
 REPORT_FILES = ('predictions.csv', 'predictions.json', 'probabilities.npy', 'classes.json', 'confusion_matrix.csv',
                 'confusion_matrix_normalized.csv', 'confusion_matrix.png', 'confusion_matrix_normalized.png',
                 'roc_curves.png', 'pr_curves.png', 'reliability.png', 'misclassified.png', 'per_class_report.csv',
-                'summary.json', 'report.html', 'token_maps.png', 'token_maps')
+                'summary.json', 'report.html', 'token_maps.png', 'token_maps', 'curves.png')  # curves: a run's report/
 
 
 def safe_name(name: str) -> str:

@@ -140,7 +140,9 @@ def run_images(args, method, cfg, device, amp_dtype) -> None:
                                                 args.save_probs).name
         if args.token_maps:
             draw_token_maps(model, meta, result.paths[:args.n_visualization], staging, args.n_visualization, out)
-    print(f"{len(result.paths)} images classified, {len(skipped) + len(result.failed)} skipped; {written}")
+    count = len(result.paths)
+    print(f"{count} image{'' if count == 1 else 's'} classified, {len(skipped) + len(result.failed)} skipped; "
+          f"{written}")
 
 
 @contextmanager

@@ -4,7 +4,7 @@ Top-1 confidence against accuracy in ``BINS`` equal-width bins, as Guo et al. ("
 Networks", ICML 2017) measure it: the reliability diagram (scikit-learn's ``calibration_curve`` /
 ``CalibrationDisplay`` on "top-1 is right" against the top-1 confidence) and the expected calibration error,
 ECE = sum over bins of |accuracy - mean confidence| x the bin's share of the images. With them, two proper scores
-of all the probabilities: scikit-learn's log-loss and the multi-class Brier score (Brier 1950: the mean over
+of all the probabilities: the log-loss (scikit-learn's ``log_loss``) and the multi-class Brier score (Brier 1950: the mean over
 images of the squared distance between the probability vector and the one-hot truth; 0 is perfect, 2 the worst).
 """
 from pathlib import Path
@@ -12,7 +12,6 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 from sklearn.calibration import CalibrationDisplay
-from sklearn.metrics import log_loss
 
 BINS = 15  # Guo et al.'s
 
@@ -25,8 +24,11 @@ def calibration_scores(probs: np.ndarray, targets: np.ndarray) -> dict:
     bin_of = np.searchsorted(np.linspace(0, 1, BINS + 1)[1:-1], confidence)  # calibration_curve's bins
     ece = sum(abs(correct[bin_of == b].mean() - confidence[bin_of == b].mean()) * (bin_of == b).mean()
               for b in np.unique(bin_of))
-    true_probs = probs[np.arange(len(targets)), targets]  # |p - one_hot|^2 = |p|^2 - 2 p_true + 1, no one-hot array
-    return dict(ece=float(ece), log_loss=float(log_loss(targets, probs, labels=np.arange(probs.shape[1]))),
+    # both from the true class's probability, without an images x classes one-hot array: scikit-learn's log_loss
+    # (its clipping to [eps, 1 - eps] included) and |p - one_hot|^2 = |p|^2 - 2 p_true + 1
+    true_probs = probs[np.arange(len(targets)), targets]
+    eps = np.finfo(probs.dtype).eps
+    return dict(ece=float(ece), log_loss=float(-np.log(np.clip(true_probs, eps, 1 - eps)).mean()),
                 brier=float(((probs ** 2).sum(axis=1) - 2 * true_probs + 1).mean()))
 
 

@@ -84,10 +84,11 @@ def plot_confusion(cm: np.ndarray, names: List[str], path: Path, normalized: boo
         shown = np.sort(np.argsort(-(off.sum(0) + off.sum(1)))[:MAX_CLASSES_DRAWN])
         title += f': the {MAX_CLASSES_DRAWN} most confused of {len(names)} classes'
     values = cm / np.maximum(cm.sum(1, keepdims=True), 1) if normalized else cm
-    side = min(max(4.5, 0.45 * len(shown) + 2), 18)
+    numbers = len(shown) <= 20  # each cell's value written in it, up to 20 classes
+    side = min(max(4.5, (0.45 if numbers else 0.3) * len(shown) + 2), 18)  # inches; a cell without a number is smaller
     fig, ax = plt.subplots(figsize=(side + 1, side))
     display = ConfusionMatrixDisplay(values[np.ix_(shown, shown)], display_labels=[plot_text(names[i]) for i in shown])
-    display.plot(ax=ax, cmap='Blues', include_values=len(shown) <= 20, values_format='.2f' if normalized else 'd',
+    display.plot(ax=ax, cmap='Blues', include_values=numbers, values_format='.2f' if normalized else 'd',
                  xticks_rotation=90 if len(shown) > 6 else 'horizontal', colorbar=False, text_kw=dict(fontsize=7),
                  im_kw=dict(vmin=0, vmax=1 if normalized else None))
     fig.colorbar(display.im_, ax=ax, fraction=0.046)  # as tall as the matrix (the display's own is the figure's)

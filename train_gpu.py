@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from models.registry import method_cfg_from_args
-from utils.cli_args import HelpFormatter, compile_flag, device_flag, method_flags, model_flags
+from utils.cli_args import HelpFormatter, check_ranges, compile_flag, device_flag, method_flags, model_flags
 from utils.config import check_config, load_yaml, parse_key_values, parse_layered
 from utils.curriculum import CURRICULA
 from utils.distillation import DISTILL_TYPES
@@ -168,6 +168,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+# the values a numeric setting can take (``utils.cli_args.check_ranges``); the others are checked where they are used
+RANGES = dict(workers='[0, inf)', drop_path='[0, 1]', batch_size='[1, inf)', epochs='[1, inf)', lr='[0, inf)',
+              lr_base='[0, inf)', min_lr='[0, inf)', warmup_epochs='[0, inf)', weight_decay='[0, inf)',
+              layer_decay='(0, 1]', clip_grad='[0, inf)', accum_steps='[1, inf)', smoothing='[0, 1)',
+              mixup='[0, inf)', cutmix='[0, inf)', scale='[0, 1]', ratio='(0, inf)', hflip='[0, 1]',
+              color_jitter='[0, inf)', reprob='[0, 1]', model_ema_decay='[0, 1)', early_stop='[0, inf)',
+              distill_alpha='[0, 1]', distill_temperature='(0, inf)', log_interval='[1, inf)',
+              dist_timeout='(0, inf)')
+
+
 def find_latest_checkpoint(output_dir):
     """The newest last.pth (by modification time) in ``output_dir`` or a folder below it (default: runs/)."""
     root = Path(output_dir) if output_dir else Path(__file__).resolve().parent / 'runs'
@@ -208,6 +218,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.pretrained = True
     if auto and args.resume:  # the run found continues in its own folder
         args.output_dir = str(Path(args.resume).parent)
+    check_ranges(args, RANGES)
     args.model_kwargs = parse_key_values(args.model_kwargs)
     args.method_cfg = method_cfg_from_args(args)
     return args

@@ -86,3 +86,20 @@ def test_the_shared_flags_come_from_one_parent_parser():
             action = next(a for a in tools[name].get_args_parser()._actions if flag in a.option_strings)
             assert (action.nargs, action.type, action.metavar) == (shared.nargs, shared.type, shared.metavar), name
             assert action.help.startswith(shared.help.split(':')[0]), (name, action.help)
+
+
+def test_numbers_outside_their_range_are_one_line_from_the_flags_or_a_config(tmp_path, capsys):
+    """Each of these was a traceback deep in torch or timm (batch 0, --accum-steps 0, --log-interval 0,
+    --smoothing 1.5, --ratio 0), or a run that trained on nonsense (--epochs 0, --hflip 2)."""
+    run = tmp_path / 'run'
+    bad = [['--batch-size', '0'], ['--accum-steps', '0'], ['--log-interval', '0'], ['--smoothing', '1.5'],
+           ['--ratio', '0', '1'], ['--epochs', '0'], ['--hflip', '2'], ['--workers', '-1'], ['--lr', '-1']]
+    for flags in bad:
+        assert train_gpu.main(['--output-dir', str(run), *flags]) == 2
+    (tmp_path / 'c.yaml').write_text('drop_path: 1.5\n')
+    assert train_gpu.main(['--output-dir', str(run), '--config', str(tmp_path / 'c.yaml')]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith('error: ')]
+    assert len(lines) == len(bad) + 1 and 'Traceback' not in err and not run.exists()
+    assert lines[3] == 'error: --smoothing 1.5 is outside [0, 1), the values it can take'
+    assert lines[4].startswith('error: --ratio 0.0 is outside (0, inf)') and lines[-1].startswith('error: --drop-path 1.5')

@@ -21,6 +21,22 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def check_ranges(args: argparse.Namespace, ranges: dict) -> None:
+    """Refuse, in one line, a number outside its flag's interval: ``ranges`` maps a setting to an interval
+    written as in maths, '[0, 1)' or '(0, inf)'. Checked after parsing, so that values from a --config file or a
+    resumed run are checked too; a setting left unset (None) passes, and each number of a list is checked."""
+    for dest, interval in ranges.items():
+        low, high = (float(end) for end in interval[1:-1].split(','))
+        values = getattr(args, dest)
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if value is None:
+                continue
+            above = low <= value if interval[0] == '[' else low < value
+            below = value <= high if interval[-1] == ']' else value < high
+            if not (above and below):
+                raise UserError(f"--{dest.replace('_', '-')} {value} is outside {interval}, the values it can take")
+
+
 def at_least(least: int):
     """An argparse ``type``: a whole number not below ``least`` (argparse's one-line error otherwise)."""
     def whole(text: str) -> int:

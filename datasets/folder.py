@@ -19,6 +19,7 @@ from the folder names, sorted.
 """
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, NamedTuple, Optional, Sequence, Tuple
@@ -236,6 +237,12 @@ def split_folders(root: Path, folders: Sequence[str]) -> Tuple[Optional[Path], O
         raise UserError(f"'{root}' holds the split folder {splits[0]}/ beside {', '.join(f + '/' for f in others[:3])}"
                         f"{' ...' if len(others) > 3 else ''}: a split name is not a class; put the class folders "
                         f"in train/, {other_layout}")
+    words = {f: set(re.split('[^a-z]+', f.lower())) for f in folders}  # seg_train, seg_test (a Kaggle layout)
+    named_train = [f for f in folders if words[f] & set(TRAIN_NAMES)]
+    named_val = [f for f in folders if words[f] & set(VAL_NAMES)]
+    if named_train and named_val:  # a warning only: classes may be named so (train_station, test_tube)
+        log.warning(f"the class folders {named_train[0]}/ and {named_val[0]}/ look like a train and a validation "
+                    f"split; if they are, pass --train-dir and --val-dir (the folders that hold the class folders)")
     return None, None
 
 

@@ -35,6 +35,18 @@ def test_split_folder_names_give_the_validation_split(names, used, tmp_path, cap
     assert labelled_root(root) == root / used  # predict.py scores the same split
 
 
+def test_class_folders_named_like_splits_are_warned_about(tmp_path, caplog):
+    """Intel's Kaggle layout, seg_train/seg_train/<class> + seg_test/seg_test/<class>, would train a model of
+    "which split": a warning says so (classes may really be named so, so it is not refused)."""
+    root = tmp_path / 'd'
+    for seed, name in enumerate(('seg_train', 'seg_test')):
+        make_image_folder(root / name / name, per_class=2, size=16, seed=seed)
+    with caplog.at_level(logging.WARNING):
+        split = make_split(root)
+    assert split.classes == ['seg_test', 'seg_train']
+    assert "seg_train/ and seg_test/ look like a train and a validation split" in caplog.text
+
+
 @pytest.mark.parametrize('names, message', [(('train',), 'no validation folder'),
                                             (('train', 'holdout'), 'no validation folder'),
                                             (('val', 'test'), 'no train/'), (('Training',), 'no validation folder'),

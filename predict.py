@@ -151,7 +151,7 @@ def output_folder(out: Path):
     from utils.atomic_write import replaced_folder
     from utils.report import REPORT_FILES
     with replaced_folder(out, REPORT_FILES, '--output-dir') as staging:  # which has listed out
-        earlier = out.is_dir() and any(out.iterdir())
+        earlier = out.is_dir() and any(path.name in REPORT_FILES for path in out.iterdir())  # not the staging
         yield staging
     if earlier:
         print(f"(this output replaced the earlier one in '{out}')", file=sys.stderr)

@@ -189,8 +189,11 @@ def test_output_dir_is_replaced_whole_or_left_as_it_was(tmp_path, monkeypatch, c
     out = tmp_path / 'out'
     flags = ['--weights', str(weights), '--images', str(images), '--workers', '0', '--output-dir', str(out)]
     out.mkdir()
+    assert predict.main(flags) == 0                                   # an empty folder: nothing was replaced
+    assert 'replaced the earlier one' not in capsys.readouterr().err
     (out / 'probabilities.npy').write_bytes(b'old')                   # an earlier run's --save-probs
     assert predict.main(flags) == 0
+    assert f"(this output replaced the earlier one in '{out}')" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ['predictions.csv']  # not half old, half new
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith('.')) == []
 

@@ -102,11 +102,6 @@ def plot_confusion(cm: np.ndarray, names: List[str], path: Path, normalized: boo
 ROC_GRID = np.linspace(0, 1, 201)  # false positive rates at which the macro-average ROC averages the classes
 
 
-def ranked_classes(targets: np.ndarray, classes: List[int]) -> List[int]:
-    """The ``classes`` that have images of their own and of others in the data (a ROC curve needs both)."""
-    return [c for c in classes if 0 < (targets == c).sum() < len(targets)]
-
-
 def curve_display(kind: str, tps: np.ndarray, fps: np.ndarray, value: float):
     """scikit-learn's ROC (``kind`` 'roc') or precision-recall display of a row of ``ranking.held_counts``, with its
     AUC or average precision ``value``."""
@@ -259,7 +254,9 @@ def write_labelled_report(probs: np.ndarray, targets: np.ndarray, paths: Sequenc
     plot_confusion(cm, label_names, out / 'confusion_matrix.png', normalized=False)
     plot_confusion(cm, label_names, out / 'confusion_matrix_normalized.png', normalized=True)
 
-    ranked = ranked_classes(targets, [1] if len(names) == 2 else present)
+    counts = np.bincount(targets, minlength=len(names))  # images per class
+    # the classes with images of their own and of others (a ROC curve needs both)
+    ranked = [c for c in ([1] if len(names) == 2 else present) if 0 < counts[c] < len(targets)]
     found = one_vs_rest_scores(probs, targets, ranked, ROC_GRID)
     roc, ap = (dict(zip(ranked, found[kind].tolist())) for kind in ('roc_auc', 'average_precision'))
     averages = average_curves(probs, targets, present, found['mean_tpr']) if len(names) > 2 and ranked else {}
@@ -273,9 +270,8 @@ def write_labelled_report(probs: np.ndarray, targets: np.ndarray, paths: Sequenc
     per_class['average_precision'] = per_class.index.map({names[c]: v for c, v in ap.items()})
     for column, scores in (('roc_auc', roc), ('average_precision', ap)):  # their macro and weighted averages
         if scores:
-            support = [int((targets == c).sum()) for c in scores]
             per_class.loc['macro avg', column] = np.mean(list(scores.values()))
-            per_class.loc['weighted avg', column] = np.average(list(scores.values()), weights=support)
+            per_class.loc['weighted avg', column] = np.average(list(scores.values()), weights=counts[list(scores)])
     accuracy = float((predicted == targets).mean())
     per_class.loc['accuracy'] = [np.nan, np.nan, accuracy, len(targets), np.nan, np.nan]
     per_class['support'] = per_class['support'].astype(int)

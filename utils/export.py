@@ -16,7 +16,6 @@ is reported.
 """
 import importlib
 import json
-import os
 import platform
 import warnings
 from dataclasses import dataclass
@@ -190,31 +189,28 @@ def export_checkpoint(weights: str, fmt: str, output: Optional[str] = None, meth
         raise UserError(f"--output '{path}' is a folder; give a file name, e.g. {path / ('model' + SUFFIX[fmt])}")
     images = input_batch(check_files, data_config, check_count)
     example = images[:2] if dynamic_batch else images[torch.arange(batch_size) % len(images)]
-    staged = path.with_name(f'.{path.name}.{os.getpid()}.tmp')  # replaces path once checked
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        staged.touch()  # a place it may not write fails here, in our words
-        try:
-            export_model(model, example, staged, fmt, dynamic_batch)
-        except UserError:
-            raise
-        except Exception as err:  # the exporter's own failure, named in one line
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ''
-            raise UserError(f"{fmt} export of {meta['model_name']} + {method_name(model)} failed: "
-                            f"{type(err).__name__}: {first[:300]}; '{path}' is as it was") from None
-        agreement = compare(model, load_runner(staged, fmt), images, len(example) if not dynamic_batch else 5)
-        if agreement.max_prob_diff > TOLERANCE or agreement.top1_agreement < 1:
-            raise UserError(f"the {fmt} file does not reproduce the PyTorch model ({agreement}), so it was not "
-                            f"written; please report the model, method and settings")
-        info = sidecar(meta, model, fmt, data_config['input_size'], None if dynamic_batch else batch_size)
-        info['check'] = dict(images=agreement.images, max_prob_diff=agreement.max_prob_diff,
-                             top1_agreement=agreement.top1_agreement)
-        info['sidecar'] = str(write_sidecar(path, info))
-        os.replace(staged, path)
+        with replaced_atomically(path) as staged_file:  # the exporter writes its temporary file, renamed once checked
+            staged = Path(staged_file.name)
+            try:
+                export_model(model, example, staged, fmt, dynamic_batch)
+            except UserError:
+                raise
+            except Exception as err:  # the exporter's own failure, named in one line
+                first = str(err).strip().splitlines()[0] if str(err).strip() else ''
+                raise UserError(f"{fmt} export of {meta['model_name']} + {method_name(model)} failed: "
+                                f"{type(err).__name__}: {first[:300]}; '{path}' is as it was") from None
+            agreement = compare(model, load_runner(staged, fmt), images, len(example) if not dynamic_batch else 5)
+            if agreement.max_prob_diff > TOLERANCE or agreement.top1_agreement < 1:
+                raise UserError(f"the {fmt} file does not reproduce the PyTorch model ({agreement}), so it was not "
+                                f"written; please report the model, method and settings")
+            info = sidecar(meta, model, fmt, data_config['input_size'], None if dynamic_batch else batch_size)
+            info['check'] = dict(images=agreement.images, max_prob_diff=agreement.max_prob_diff,
+                                 top1_agreement=agreement.top1_agreement)
+            info['sidecar'] = str(write_sidecar(path, info))
     except OSError as err:  # a folder it may not write, a full disk
         raise UserError(f"cannot write '{path}' ({write_failure(err)}); nothing there was changed; free disk space "
                         f"or choose another --output") from None
-    finally:
-        staged.unlink(missing_ok=True)
     info['file'] = str(path)
     return info
